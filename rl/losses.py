@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from rl.logprobs import token_logprobs
+from rl.masking import apply_mask, bernoulli_mask, sample_t
 
 
 def diffusion_sft_loss(model, input_ids: torch.Tensor, response_mask: torch.Tensor, *, mask_id: int,
@@ -16,15 +18,11 @@ def diffusion_sft_loss(model, input_ids: torch.Tensor, response_mask: torch.Tens
     with t ~ U(eps, 1) per row and each response token masked independently with probability t;
     prompt tokens are never masked. Averaged over rows.
     """
-    b = input_ids.shape[0]
-    device = input_ids.device
     resp = response_mask.bool()
-    t = eps + (1 - eps) * torch.rand(b, 1, generator=generator, device=device)
-    masked = (torch.rand(input_ids.shape, generator=generator, device=device) < t) & resp
-    noisy = torch.where(masked, torch.full_like(input_ids, mask_id), input_ids)
-    logits = model(noisy, attention_mask=attention_mask).logits
-    # cross-entropy only at masked positions (no full-vocab log-softmax elsewhere)
-    ce = F.cross_entropy(logits[masked].float(), input_ids[masked], reduction="none")
-    per_row = torch.zeros(b, device=device, dtype=ce.dtype).index_add_(0, masked.nonzero()[:, 0], ce)
-    per_row = per_row / t.squeeze(1) / resp.sum(1).clamp(min=1)
+    t = sample_t((input_ids.shape[0], 1), generator, input_ids.device, low=eps)
+    masked = bernoulli_mask(resp, t, generator)
+    logits = model(apply_mask(input_ids, masked, mask_id), attention_mask=attention_mask).logits
+    # log-probs only at masked positions (chunked; no full-vocab float32 log-softmax)
+    logp = token_logprobs(logits, input_ids, masked)
+    per_row = -logp.sum(1) / t.squeeze(1) / resp.sum(1).clamp(min=1)
     return per_row.mean()

@@ -1,0 +1,119 @@
+"""Countdown: combine the given numbers with + - * / to reach a target (TinyZero / d1 task).
+
+Reward (columns ``nums``, ``target``): the expression in the last ``<answer>...</answer>``
+(an optional ``= target`` suffix is ignored) is parsed with `ast` and evaluated by walking the
+tree over exact fractions (no ``eval``). 1.0 if it uses every given number exactly once and
+equals the target; 0.1 if it is a well-formed arithmetic expression that does not; 0.0 if
+there is no answer or it is not arithmetic.
+"""
+
+from __future__ import annotations
+
+import ast
+import random
+import re
+from collections import Counter
+from fractions import Fraction
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.Div: lambda a, b: a / b}
+MAX_EXPR_CHARS = 200
+
+
+class _NotArithmetic(ValueError):
+    pass
+
+
+def _walk(node: ast.AST, used: list[int]) -> Fraction:
+    if isinstance(node, ast.Expression):
+        return _walk(node.body, used)
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        used.append(node.value)
+        return Fraction(node.value)
+    if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+        a, b = _walk(node.left, used), _walk(node.right, used)
+        return _OPS[type(node.op)](a, b)  # ZeroDivisionError handled by the caller
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _walk(node.operand, used)
+        return -v if isinstance(node.op, ast.USub) else v
+    raise _NotArithmetic(type(node).__name__)
+
+
+def evaluate(expr: str) -> tuple[Fraction | None, list[int]]:
+    """Value (None on division by zero) and the integer literals of an arithmetic expression;
+    raises ValueError if `expr` is not made of integers, + - * /, and parentheses."""
+    expr = expr.replace("×", "*").replace("÷", "/").replace("−", "-").strip()
+    if len(expr) > MAX_EXPR_CHARS or not expr:
+        raise _NotArithmetic("length")
+    try:
+        tree = ast.parse(expr, mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
+        raise _NotArithmetic(str(e)) from None
+    used: list[int] = []
+    try:
+        return _walk(tree, used), used
+    except ZeroDivisionError:
+        return None, used
+
+
+def score_countdown(completion: str, nums: list[int], target: int) -> float:
+    tags = _ANSWER_TAG.findall(completion)
+    if not tags:
+        return 0.0
+    expr = tags[-1].strip()
+    if "=" in expr:
+        expr = expr.split("=")[0]
+    try:
+        value, used = evaluate(expr)
+    except _NotArithmetic:
+        return 0.0
+    if value is not None and value == target and Counter(used) == Counter(int(n) for n in nums):
+        return 1.0
+    return 0.1
+
+
+def countdown_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """Countdown reward over columns ``nums`` (list of ints) and ``target`` (int); see module doc."""
+    for key in ("nums", "target"):
+        if key not in columns:
+            raise KeyError(f"countdown reward needs column {key!r}")
+        if len(columns[key]) != len(completions):
+            raise ValueError(f"column {key!r} has {len(columns[key])} rows for {len(completions)} completions")
+    return [None if n is None or t is None else score_countdown(c, n, int(t))
+            for c, n, t in zip(completions, columns["nums"], columns["target"])]
+
+
+def make_countdown_dataset(n: int, seed: int, num_count: int = 3, max_num: int = 20, *, min_num: int = 1,
+                           max_target: int = 100) -> list[dict]:
+    """`n` distinct Countdown problems ``{"nums": [...], "target": int}``, solvable by construction:
+    the target is the value of a random expression tree over the numbers (integer, 1..max_target).
+    Also stores the construction as ``"solution"``. Deterministic in `seed` (local RNG)."""
+    if num_count < 2 or min_num < 1 or max_num < min_num:
+        raise ValueError(f"need num_count >= 2 and 1 <= min_num <= max_num, got {num_count}, {min_num}, {max_num}")
+    rng = random.Random(seed)
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 1000 * n + 10_000:
+            raise RuntimeError(f"could not generate {n} distinct countdown problems with these settings")
+        nums = [rng.randint(min_num, max_num) for _ in range(num_count)]
+        terms = [(Fraction(v), str(v)) for v in nums]
+        while len(terms) > 1:
+            i, j = rng.sample(range(len(terms)), 2)
+            (a, ea), (b, eb) = terms[i], terms[j]
+            op = rng.choice("+-*/")
+            if op == "/" and b == 0:
+                op = "+"
+            val = {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else a}[op]
+            terms = [t for k, t in enumerate(terms) if k not in (i, j)] + [(val, f"({ea} {op} {eb})")]
+        value, expr = terms[0]
+        if value.denominator != 1 or not 1 <= value <= max_target:
+            continue
+        key = (tuple(sorted(nums)), int(value))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"nums": nums, "target": int(value), "solution": expr[1:-1] if expr.startswith("(") else expr})
+    return rows

@@ -1,0 +1,184 @@
+"""Sudoku 4x4: reward, validity/solve checks, and a seeded generator of unique-solution puzzles.
+
+Grids are 16-character strings, row-major, ``'0'`` = empty. Boxes are 2x2.
+The answer of a completion is the text of its last ``<answer>...</answer>`` if present, else
+the whole completion; its digits are read in order and the first 16 form the grid.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from functools import lru_cache
+from typing import Sequence
+
+_ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_UNITS = ([[r * 4 + c for c in range(4)] for r in range(4)]
+          + [[r * 4 + c for r in range(4)] for c in range(4)]
+          + [[(br + r) * 4 + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)])
+_PEERS = [sorted({j for u in _UNITS if i in u for j in u} - {i}) for i in range(16)]
+
+
+def parse_grid(completion: str) -> str | None:
+    """The first 16 digits of the completion's answer span, or None if it has fewer."""
+    tags = _ANSWER_TAG.findall(completion)
+    span = tags[-1] if tags else completion
+    digits = re.findall(r"\d", span)
+    return "".join(digits[:16]) if len(digits) >= 16 else None
+
+
+def _check_grid(name: str, grid: str, row: int | None = None) -> None:
+    if not isinstance(grid, str) or len(grid) != 16 or any(ch not in "01234" for ch in grid):
+        where = f" row {row}" if row is not None else ""
+        raise ValueError(f"column {name!r}{where}: expected a 16-char string of digits 0-4, got {grid!r}")
+
+
+def is_valid_sudoku(grid: str, *, allow_empty: bool = False) -> bool:
+    """True if `grid` is a complete valid 4x4 sudoku (or, with `allow_empty`, has no conflicts
+    among its filled cells)."""
+    if len(grid) != 16 or any(ch not in "01234" for ch in grid):
+        return False
+    if not allow_empty and "0" in grid:
+        return False
+    for unit in _UNITS:
+        vals = [grid[i] for i in unit if grid[i] != "0"]
+        if len(vals) != len(set(vals)):
+            return False
+    return True
+
+
+def sudoku_score(completion: str, puzzle: str, solution: str) -> float:
+    """Fraction of the puzzle's empty cells that the completion's grid fills correctly."""
+    grid = parse_grid(completion)
+    empty = [i for i, ch in enumerate(puzzle) if ch == "0"]
+    if grid is None or not empty:
+        return 0.0
+    return sum(grid[i] == solution[i] for i in empty) / len(empty)
+
+
+def sudoku_solved(completion: str, puzzle: str, solution: str) -> bool:
+    """Exact solve: the completion's grid equals the solution (givens included)."""
+    return parse_grid(completion) == solution
+
+
+def sudoku_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
+    """Sudoku reward over columns ``puzzle`` and ``solution`` (see `sudoku_score`)."""
+    for key in ("puzzle", "solution"):
+        if key not in columns:
+            raise KeyError(f"sudoku reward needs column {key!r}")
+        if len(columns[key]) != len(completions):
+            raise ValueError(f"column {key!r} has {len(columns[key])} rows for {len(completions)} completions")
+    out: list[float | None] = []
+    for i, (c, p, s) in enumerate(zip(completions, columns["puzzle"], columns["solution"])):
+        if p is None or s is None:
+            out.append(None)
+            continue
+        _check_grid("puzzle", p, i)
+        _check_grid("solution", s, i)
+        out.append(sudoku_score(c, p, s))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# generator
+# ------------------------------------------------------------------------------------------------
+
+
+def count_solutions(grid: str, limit: int = 2) -> int:
+    """Number of completions of `grid` (stops counting at `limit`)."""
+    cells = list(grid)
+    found = 0
+
+    def solve() -> bool:
+        nonlocal found
+        best, best_opts = -1, None
+        for i in range(16):
+            if cells[i] == "0":
+                opts = set("1234") - {cells[j] for j in _PEERS[i]}
+                if best_opts is None or len(opts) < len(best_opts):
+                    best, best_opts = i, opts
+                    if not opts:
+                        return False
+        if best_opts is None:
+            found += 1
+            return found >= limit
+        for d in sorted(best_opts):
+            cells[best] = d
+            if solve():
+                return True
+        cells[best] = "0"
+        return False
+
+    solve()
+    return found
+
+
+@lru_cache(maxsize=1)
+def all_solutions() -> tuple[str, ...]:
+    """All 288 complete 4x4 sudoku grids, sorted."""
+    out: list[str] = []
+    cells = ["0"] * 16
+
+    def fill(i: int) -> None:
+        if i == 16:
+            out.append("".join(cells))
+            return
+        for d in "1234":
+            if all(cells[j] != d for j in _PEERS[i] if j < i):
+                cells[i] = d
+                fill(i + 1)
+        cells[i] = "0"
+
+    fill(0)
+    return tuple(out)
+
+
+def make_sudoku_dataset(n: int, seed: int, min_empty: int = 8, max_empty: int = 11) -> list[dict]:
+    """`n` distinct puzzles ``{"puzzle", "solution"}`` with a unique solution and between
+    `min_empty` and `max_empty` empty cells; deterministic in `seed` (local RNG)."""
+    if not 1 <= min_empty <= max_empty <= 12:
+        raise ValueError(f"need 1 <= min_empty <= max_empty <= 12, got {min_empty}, {max_empty}")
+    rng = random.Random(seed)
+    sols = all_solutions()
+    rows, seen = [], set()
+    attempts = 0
+    while len(rows) < n:
+        attempts += 1
+        if attempts > 50 * n + 1000:
+            raise RuntimeError(f"could not generate {n} distinct puzzles with {min_empty}..{max_empty} empty cells")
+        solution = rng.choice(sols)
+        k = rng.randint(min_empty, max_empty)
+        cells = list(solution)
+        order = list(range(16))
+        rng.shuffle(order)
+        removed = 0
+        for i in order:  # remove cells one by one while the solution stays unique
+            if removed == k:
+                break
+            keep = cells[i]
+            cells[i] = "0"
+            if count_solutions("".join(cells)) == 1:
+                removed += 1
+            else:
+                cells[i] = keep
+        puzzle = "".join(cells)
+        if removed != k or puzzle in seen:
+            continue
+        seen.add(puzzle)
+        rows.append({"puzzle": puzzle, "solution": solution})
+    return rows
+
+
+def split_disjoint(rows: Sequence[dict], *, key: str = "puzzle", val_frac: float = 0.1, test_frac: float = 0.1,
+                   seed: int = 0) -> tuple[list[dict], list[dict], list[dict]]:
+    """(train, val, test) with no value of `key` shared between splits (duplicates stay together)."""
+    groups: dict[str, list[dict]] = {}
+    for i, r in enumerate(rows):
+        if key not in r:
+            raise KeyError(f"row {i} has no key {key!r}")
+        groups.setdefault(str(r[key]), []).append(r)
+    keys = sorted(groups)
+    random.Random(seed).shuffle(keys)
+    n_test, n_val = round(len(keys) * test_frac), round(len(keys) * val_frac)
+    parts = (keys[n_test + n_val:], keys[n_test:n_test + n_val], keys[:n_test])
+    return tuple([r for k in part for r in groups[k]] for part in parts)  # type: ignore[return-value]
