@@ -1,0 +1,185 @@
+"""diffu-GRPO (d1: Zhao et al. 2025, "d1: Scaling Reasoning in Diffusion LLMs via RL", Sec. 3.2).
+
+Per batch of prompts: G completions each from the rollout engine, rewards from the reward layer,
+group-relative advantages, then mu gradient steps on the clipped surrogate, each with its own
+mask from a dedicated generator. Log-probabilities come from a named estimator (default: d1's
+one-step mean-field estimate with random prompt masking).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from rewards import compose
+from rl.config import DiffuGRPOConfig
+from rl.data import check_columns, encode_prompt, left_pad, prompt_text
+from rl.engine import gathered_for_generation
+from rl.estimators import MaskSample, get_estimator
+from rl.trainer import Trainer
+from rollout import generate
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A_i = r_i - mean_group(r) (d1 Eq. 2; divided by the group std when ``scale``).
+
+    Returns ``(advantages [N], group_std [N // G])``."""
+    grouped = rewards.view(-1, group_size)
+    std = grouped.std(dim=1, unbiased=False)
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        adv = adv / (std.unsqueeze(1) + 1e-4)
+    return adv.reshape(-1), std
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
+    d = ref_logp - logp
+    return torch.exp(d) - d - 1
+
+
+def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO/GRPO clipped objective per element: -min(rho A, clip(rho, 1-eps, 1+eps) A).
+
+    Returns ``(loss, clipped)``: ``clipped`` marks where the clipped branch is the active one."""
+    ratio = torch.exp(logp - old_logp)
+    unclipped = ratio * adv
+    clipped_obj = torch.clamp(ratio, 1 - eps, 1 + eps) * adv
+    return -torch.minimum(unclipped, clipped_obj), (clipped_obj < unclipped)
+
+
+class DiffuGRPOTrainer(Trainer):
+    """Rows are dicts with ``prompt`` (text or chat messages) plus the reward functions' columns."""
+
+    config: DiffuGRPOConfig
+
+    def __init__(self, config: DiffuGRPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None,
+                 reward_fn=None):
+        check_columns(train_dataset, ("prompt",), "GRPO train data")
+        self.needs_reference = config.beta > 0  # no reference model at all when beta = 0
+        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        self.reward_fn = reward_fn or compose(dict(config.rewards), timeout_s=config.reward_timeout_s)
+        self.estimator = get_estimator(config.estimator, **dict(config.estimator_options))
+        self.token_level = config.estimator == "mean_field"
+        self.mask_id = policy.mask_token_id
+        self.eos_id = policy.eos_token_id
+
+    def generator_names(self) -> tuple[str, ...]:
+        return ("rollout", "mask")
+
+    def rows_per_step(self) -> int:
+        return self.config.per_device_batch_size * self.config.num_generations
+
+    def optimizer_steps_per_step(self) -> int:
+        return self.config.num_iterations
+
+    # ---- phases ----------------------------------------------------------------------------------
+    def rollout(self, rows: list[dict]):
+        cfg, ro = self.config, self.config.rollout
+        prompts = [encode_prompt(self.tokenizer, r["prompt"]) for r in rows]
+        prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
+        g = cfg.num_generations
+        prompt_ids = prompt_ids.repeat_interleave(g, 0).to(self.device)
+        prompt_mask = prompt_mask.repeat_interleave(g, 0).to(self.device)
+        with gathered_for_generation(self.engine) as module:
+            module.eval()
+            out = generate(module, prompt_ids, attention_mask=prompt_mask, mask_id=self.mask_id,
+                           eos_id=self.eos_id, steps=ro.steps, gen_length=ro.gen_length,
+                           block_length=ro.block_length, temperature=ro.temperature, cfg_scale=ro.cfg_scale,
+                           remasking=ro.remasking, threshold=ro.threshold, early_commit=ro.early_commit,
+                           fill_after_eos=ro.fill_after_eos, kv_cache=ro.kv_cache,
+                           generator=self.generators["rollout"])
+            module.train()
+        return out
+
+    def score(self, rows: list[dict], completions: list[str]):
+        g = self.config.num_generations
+        prompts = [prompt_text(r["prompt"]) for r in rows for _ in range(g)]
+        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
+        return self.reward_fn(prompts, completions, **columns)
+
+    def logps(self, model, input_ids, attention_mask, prompt_len, sample, rows: slice) -> torch.Tensor:
+        """Token-level ``[n, L]`` (mean-field) or sequence-level ``[n]`` log-prob estimates."""
+        sub = MaskSample(sample.masked[:, rows], sample.weights[:, rows])
+        per_pass = self.estimator.score(model, input_ids[rows], attention_mask[rows], prompt_len, sub, self.mask_id)
+        out = self.estimator.combine(sub, per_pass)
+        return out.per_token if self.token_level else out.seq
+
+    # ---- one training step -----------------------------------------------------------------------
+    def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
+        cfg = self.config
+        t0 = time.perf_counter()
+        ro = self.rollout(rows)
+        t1 = time.perf_counter()
+        completions = ro.decode(self.tokenizer)
+        rew = self.score(rows, completions)
+        t2 = time.perf_counter()
+        rewards = torch.tensor(rew.total, dtype=torch.float32, device=self.device)
+        adv, group_std = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+        metrics = self.policy_update(ro, adv)
+        metrics.update({
+            "reward": rewards.mean(),
+            "reward_std": group_std.mean(),
+            "frac_reward_zero_std": (group_std < 1e-6).float().mean(),
+            "completions/mean_length": ro.completion_mask.sum(1).float().mean(),
+            "timing/rollout": t1 - t0,
+            "timing/reward": t2 - t1,
+            "timing/update": time.perf_counter() - t2,
+            "rollout/forward_passes": float(ro.num_forward_passes),
+        })
+        for name, values in rew.per_function.items():
+            vals = [v for v in values if v is not None]
+            metrics[f"rewards/{name}/mean"] = sum(vals) / len(vals) if vals else float("nan")
+        if cfg.sample_table_every and self.tracker is not None and (self.step + 1) % cfg.sample_table_every == 0:
+            g = cfg.num_generations
+            self.tracker.log_samples(self.step + 1, [prompt_text(r["prompt"]) for r in rows for _ in range(g)][:8],
+                                     completions[:8], rew.total[:8])
+        return metrics
+
+    def policy_update(self, ro, adv: torch.Tensor) -> dict[str, float | torch.Tensor]:
+        """mu gradient steps on the clipped surrogate + beta * KL (d1 Eq. 3), one mask each."""
+        cfg = self.config
+        input_ids, attention_mask = ro.sequences, ro.attention_mask
+        prompt_len = ro.prompt_ids.shape[1]
+        cmask = ro.completion_mask.float()
+        n = input_ids.shape[0]
+        chunks = self.micro_batches(n)
+        # mu distinct masks per batch, all from the dedicated generator (never reseeded)
+        samples = [self.estimator.draw(attention_mask, ro.completion_mask, prompt_len, self.generators["mask"])
+                   for _ in range(cfg.num_iterations)]
+
+        def logps_all(model, sample):
+            return torch.cat([self.logps(model, input_ids, attention_mask, prompt_len, sample, sl) for sl in chunks])
+
+        # Old-policy log-probs for iterations 1..mu-1 and reference log-probs for every mask,
+        # computed once before any update (iteration 0 reuses its own forward, detached).
+        with torch.no_grad():
+            old = [None] + [logps_all(self.model, s) for s in samples[1:]]
+            ref = None
+            if cfg.beta > 0:
+                with self.reference() as ref_model:
+                    ref = [logps_all(ref_model, s) for s in samples]
+
+        n_tokens = cmask.sum().clamp(min=1)
+        sums = torch.zeros(3, device=self.device)  # loss, kl, clipped fraction
+        grad_norms = []
+        for k, sample in enumerate(samples):
+            for sl in chunks:
+                logp = self.logps(self.model, input_ids, attention_mask, prompt_len, sample, sl)
+                old_k = logp.detach() if k == 0 else old[k][sl]
+                a = adv[sl].unsqueeze(1) if self.token_level else adv[sl]
+                per_el, clipped = clipped_surrogate(logp, old_k, a, cfg.epsilon)
+                kl = k3_kl(logp, ref[k][sl]) if ref is not None else torch.zeros_like(per_el)
+                per_el = per_el + cfg.beta * kl
+                if self.token_level:  # token-mean over completion_mask, over the whole local batch
+                    w = cmask[sl] / n_tokens
+                else:  # sequence-level ratio on the ELBO estimate, mean over sequences
+                    w = torch.full_like(per_el, 1.0 / n)
+                loss = (per_el * w).sum()
+                self.backward_and_step(loss * len(chunks))  # DeepSpeed divides by grad_accum
+                sums += torch.stack([loss.detach(), (kl.detach() * w).sum(), (clipped.float() * w).sum()])
+            grad_norms.append(self.grad_norm())
+        sums /= cfg.num_iterations
+        return {"loss": sums[0], "kl": sums[1], "clip_ratio/region_mean": sums[2],
+                "grad_norm": sum(grad_norms) / len(grad_norms)}

@@ -1,0 +1,101 @@
+"""Masked-diffusion SFT trainer (LLaDA's SFT objective; the first stage of d1's recipe)."""
+
+from __future__ import annotations
+
+import torch
+
+from rl.config import SFTConfig
+from rl.data import check_columns, encode_prompt
+from rl.losses import diffusion_sft_loss
+from rl.trainer import Trainer
+
+
+def encode_sft_example(tokenizer, prompt, response: str, *, max_length: int, pad_response_to: int = 0,
+                       use_chat_template: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS and the matching response mask (1 = trainable).
+
+    With ``pad_response_to`` the response is padded with EOS up to that length (LLaDA SFT), so the
+    model learns to fill the tail of a fixed-length generation with EOS."""
+    p = encode_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
+    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if pad_response_to and len(r) < pad_response_to:
+        r = r + [tokenizer.eos_token_id] * (pad_response_to - len(r))
+    ids = (p + r)[:max_length]
+    mask = ([0] * len(p) + [1] * len(r))[:max_length]
+    return ids, mask
+
+
+def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to one width; padding is excluded by the attention mask and never trained."""
+    width = max(len(ids) for ids, _ in examples)
+    n = len(examples)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((n, width), dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(examples):
+        input_ids[i, :len(ids)] = torch.tensor(ids)
+        response_mask[i, :len(ids)] = torch.tensor(mask)
+        attention_mask[i, :len(ids)] = 1
+    return {"input_ids": input_ids, "response_mask": response_mask, "attention_mask": attention_mask}
+
+
+class SFTTrainer(Trainer):
+    """Rows are dicts with ``prompt`` (text or chat messages) and ``response`` (text)."""
+
+    config: SFTConfig
+
+    def __init__(self, config: SFTConfig, policy, train_dataset, *, eval_dataset=None, tokenizer=None,
+                 eval_fn=None):
+        check_columns(train_dataset, ("prompt", "response"), "SFT train data")
+        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        self.eval_dataset = list(eval_dataset or [])
+        if self.eval_dataset:
+            check_columns(self.eval_dataset, ("prompt", "response"), "SFT eval data")
+        self.mask_id = policy.mask_token_id
+
+    def generator_names(self) -> tuple[str, ...]:
+        return ("mask", "eval_mask")
+
+    def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        cfg = self.config
+        enc = [encode_sft_example(self.tokenizer, r["prompt"], r["response"], max_length=cfg.max_length,
+                                  pad_response_to=cfg.pad_response_to) for r in rows]
+        return {k: v.to(self.device) for k, v in collate_sft(enc, self.tokenizer.pad_token_id).items()}
+
+    def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
+        batch = self.batch(rows)
+        n = batch["input_ids"].shape[0]
+        total = torch.zeros((), device=self.device)
+        for sl in self.micro_batches(n):
+            loss = diffusion_sft_loss(self.model, batch["input_ids"][sl], batch["response_mask"][sl],
+                                      mask_id=self.mask_id, attention_mask=batch["attention_mask"][sl],
+                                      generator=self.generators["mask"])
+            # each micro-batch is a mean over its rows; weight it by its share of the batch
+            scaled = loss * (sl.stop - sl.start) / n * len(self.micro_batches(n))
+            self.backward_and_step(scaled)
+            total += loss.detach() * (sl.stop - sl.start) / n
+        return {"loss": total, "grad_norm": self.grad_norm()}
+
+    @torch.no_grad()
+    def eval_loss(self) -> dict[str, float]:
+        """Mean SFT loss on up to ``eval_batches`` batches of the held-out split (fixed masks)."""
+        if not self.eval_dataset:
+            return {}
+        g = self.generators["eval_mask"]
+        state = g.get_state()
+        bs = self.config.per_device_batch_size
+        losses = []
+        self.engine.eval()
+        for i in range(0, min(len(self.eval_dataset), bs * self.config.eval_batches), bs):
+            batch = self.batch(self.eval_dataset[i:i + bs])
+            losses.append(diffusion_sft_loss(self.model, batch["input_ids"], batch["response_mask"],
+                                             mask_id=self.mask_id, attention_mask=batch["attention_mask"],
+                                             generator=g))
+        self.engine.train()
+        g.set_state(state)  # the same masks at every evaluation: curves are comparable
+        return {"eval/loss": torch.stack(losses).mean()}
+
+    def evaluate(self) -> dict[str, float]:
+        metrics = self.reduce_metrics(self.eval_loss())
+        metrics.update(super().evaluate())
+        return metrics

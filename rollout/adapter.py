@@ -1,0 +1,213 @@
+"""The policy adapter: one face for every masked-diffusion LM the sampler and trainers drive.
+
+It wraps an HF model (+ optional tokenizer) and knows the mask / EOS / pad ids and whether the
+model's logits are *shifted* (Dream is initialised from an AR model, so its logits at position i
+predict token i+1). ``forward`` always returns logits aligned so ``logits[:, i]`` predicts token
+``i``; for shifted models it realigns them as Dream's reference sampler does:
+``logits = cat([logits[:, :1], logits[:, :-1]], 1)`` (position 0 keeps its own logits; it is
+always a prompt token and never scored).
+
+The adapter is an ``nn.Module`` so that trainers can wrap it in a DeepSpeed engine and call the
+engine like the model.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import MaskedLMOutput
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    """Defaults for a model family, keyed by ``config.model_type``."""
+
+    mask_token_id: int | None  # None: take it from the config / tokenizer
+    logits_shifted: bool
+    kv_cache: bool  # forward takes ``past_key_values`` (a transformers Cache) + ``position_ids``
+
+
+# model_type -> defaults. LLaDA: GSAI-ML/LLaDA-8B-Instruct; Dream: Dream-org/Dream-v0-Instruct-7B.
+KNOWN_MODELS: dict[str, KnownModel] = {
+    "llada": KnownModel(mask_token_id=126336, logits_shifted=False, kv_cache=False),
+    "dream": KnownModel(mask_token_id=151666, logits_shifted=True, kv_cache=False),
+    "eurobert": KnownModel(mask_token_id=None, logits_shifted=False, kv_cache=True),  # the tiny model
+}
+
+
+def known_model(config) -> KnownModel | None:
+    """The :data:`KNOWN_MODELS` entry for ``config`` (by ``model_type``, case-insensitive)."""
+    model_type = str(getattr(config, "model_type", "") or "").lower()
+    return KNOWN_MODELS.get(model_type)
+
+
+def resolve_model_ids(config, tokenizer=None, *, name: str = "model", mask_token_id: int | None = None,
+                      logits_shifted: bool | None = None) -> tuple[int, bool]:
+    """Mask id and logit shift for a model: explicit argument > known family > config > tokenizer.
+
+    Raises one ``ValueError`` naming the model when no mask id can be found."""
+    known = known_model(config)
+    if mask_token_id is None and known is not None:
+        mask_token_id = known.mask_token_id
+    if mask_token_id is None:
+        mask_token_id = getattr(config, "mask_token_id", None)
+    if mask_token_id is None and tokenizer is not None:
+        mask_token_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_token_id is None:
+        raise ValueError(
+            f"{name}: cannot tell its mask token id (model_type={getattr(config, 'model_type', None)!r} is not a "
+            f"known dLLM, its config has no `mask_token_id` and its tokenizer no mask token); pass "
+            f"mask_token_id=... explicitly")
+    if logits_shifted is None:
+        logits_shifted = known.logits_shifted if known is not None else False
+    return int(mask_token_id), bool(logits_shifted)
+
+
+def _first_not_none(*values):
+    return next((v for v in values if v is not None), None)
+
+
+class PolicyAdapter(nn.Module):
+    """An HF masked-token predictor + its ids, with logits always aligned to their own position.
+
+    Attributes: ``model``, ``tokenizer`` (may be None), ``mask_token_id``, ``eos_token_id``,
+    ``pad_token_id``, ``logits_shifted``, ``supports_kv_cache``; properties ``dtype``, ``device``.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer=None, *, mask_token_id: int | None = None,
+                 eos_token_id: int | None = None, pad_token_id: int | None = None,
+                 logits_shifted: bool | None = None, name: str | None = None):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        config = getattr(model, "config", SimpleNamespace())
+        name = name or getattr(config, "_name_or_path", None) or type(model).__name__
+        self.mask_token_id, self.logits_shifted = resolve_model_ids(
+            config, tokenizer, name=name, mask_token_id=mask_token_id, logits_shifted=logits_shifted)
+        tok = tokenizer if tokenizer is not None else SimpleNamespace()
+        self.eos_token_id = _first_not_none(eos_token_id, getattr(tok, "eos_token_id", None),
+                                            getattr(config, "eos_token_id", None))
+        self.pad_token_id = _first_not_none(pad_token_id, getattr(tok, "pad_token_id", None),
+                                            getattr(config, "pad_token_id", None), self.eos_token_id)
+        known = known_model(config)
+        takes_cache = _forward_takes_cache(model)
+        # Block KV caching needs unshifted logits (it queries only the current block) and a forward
+        # that appends to a transformers Cache with explicit position_ids; verified: KNOWN_MODELS[*].kv_cache.
+        self.supports_kv_cache = bool(known is not None and known.kv_cache and takes_cache
+                                      and not self.logits_shifted)
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def config(self):
+        return getattr(self.model, "config", None)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False, **kw) -> MaskedLMOutput:
+        """Run the model; ``.logits[:, i]`` predicts token ``i`` (realigned for shifted models);
+        ``.hidden_states`` (tuple, realigned the same way) when ``output_hidden_states``."""
+        if output_hidden_states:
+            kw["output_hidden_states"] = True
+        out = self.model(input_ids, attention_mask=attention_mask, **kw)
+        logits = out.logits
+        hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
+        if self.logits_shifted:
+            logits = _unshift(logits)
+            if hidden is not None:
+                hidden = tuple(_unshift(h) for h in hidden)
+        return MaskedLMOutput(logits=logits, hidden_states=hidden)
+
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, mask_token_id: int | None = None,
+                        logits_shifted: bool | None = None, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None, trust_remote_code: bool = True,
+                        **model_kwargs) -> "PolicyAdapter":
+        """Load model + tokenizer by hub name or local path.
+
+        Tries ``AutoModelForMaskedLM`` and falls back to ``AutoModel`` (LLaDA and Dream register
+        their remote code under ``AutoModel``). Known families fill the mask id and logit shift."""
+        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError):
+            tokenizer = None
+        # Fail on the ids before loading (possibly billions of) weights.
+        resolve_model_ids(config, tokenizer, name=str(name_or_path), mask_token_id=mask_token_id,
+                          logits_shifted=logits_shifted)
+        kw = dict(config=config, trust_remote_code=trust_remote_code, **model_kwargs)
+        if dtype is not None:
+            kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        try:
+            model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kw)
+        except ValueError:  # "Unrecognized configuration class ... for AutoModelForMaskedLM"
+            model = AutoModel.from_pretrained(name_or_path, **kw)
+        if device is not None:
+            model = model.to(device)
+        return cls(model, tokenizer, mask_token_id=mask_token_id, logits_shifted=logits_shifted,
+                   name=str(name_or_path))
+
+    def save_pretrained(self, path) -> None:
+        """Save model (and tokenizer, if any) so :meth:`from_pretrained` can load them back."""
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+
+
+def _unshift(t: torch.Tensor) -> torch.Tensor:
+    """``t[:, i]`` predicts token ``i+1`` -> ``out[:, i]`` predicts token ``i`` (Dream's realignment)."""
+    return torch.cat([t[:, :1], t[:, :-1]], dim=1)
+
+
+def _forward_takes_cache(model: nn.Module) -> bool:
+    """``forward`` accepts ``position_ids`` and ``past_key_values`` (by name or through ``**kwargs``)."""
+    params = inspect.signature(model.forward).parameters
+    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return "position_ids" in params and ("past_key_values" in params or var_kw)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip engine/DDP wrappers (anything exposing the wrapped module as ``.module``)."""
+    seen = 0
+    while isinstance(getattr(model, "module", None), nn.Module) and seen < 8:
+        model, seen = model.module, seen + 1
+    return model
+
+
+def kv_cache_support(model: nn.Module) -> tuple[bool, str]:
+    """Whether the sampler's block KV cache can drive ``model`` (an adapter, engine or HF model)."""
+    inner = unwrap_model(model)
+    if isinstance(inner, PolicyAdapter):
+        if inner.logits_shifted:
+            return False, "its logits are shifted (Dream-style); the block cache queries only the current block"
+        if not inner.supports_kv_cache:
+            return False, (f"model_type={getattr(inner.config, 'model_type', None)!r} is not verified for the block "
+                           f"cache (forward must append to a transformers Cache given as `past_key_values` and take "
+                           f"`position_ids`); set adapter.supports_kv_cache = True to opt in")
+        return True, ""
+    known = known_model(getattr(inner, "config", None))
+    if known is not None and known.kv_cache and _forward_takes_cache(inner):
+        return True, ""
+    return False, (f"{type(inner).__name__} is not a model verified for the block cache (see docs/models.md); "
+                   f"wrap it in rollout.PolicyAdapter and set supports_kv_cache = True to opt in")
+
+
+def build_tiny_policy(seed: int = 0, **overrides) -> PolicyAdapter:
+    """The built-in tiny model (:mod:`rollout.tiny`) and its tokenizer, as a :class:`PolicyAdapter`."""
+    from rollout.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    return PolicyAdapter(build_tiny_model(tokenizer, seed=seed, **overrides), tokenizer)
