@@ -39,6 +39,7 @@ from typing import ClassVar
 import torch
 
 from rl.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
+from rollout.adapter import PolicyAdapter, unwrap_model
 from rl.masking import apply_mask, bernoulli_mask, exact_count_mask, sample_t, uniform
 
 
@@ -130,11 +131,24 @@ class Estimator:
         no_prompt = torch.zeros(k, b, prompt_len, dtype=torch.bool, device=input_ids.device)
         scored = _full_width(no_prompt, sample.weights != 0).reshape(k * b, t)
         step = self.max_batch or k * b
+        inner = unwrap_model(model)
+        l = t - prompt_len
+        if isinstance(inner, PolicyAdapter) and inner.fused_scoring:
+            # log-probs straight from the trunk's hidden states at the scored positions: no logits tensor
+            tgt = targets[:, prompt_len:].masked_fill(~scored[:, prompt_len:], -1)
+            out = [model(noisy[s:s + step], attention_mask=None if attn is None else attn[s:s + step],
+                         logits_to_keep=l, score_targets=tgt[s:s + step]).token_logps
+                   for s in range(0, k * b, step)]
+            return torch.cat(out).view(k, b, l)
+        # A PolicyAdapter computes the LM head only on the completion (the last L positions).
+        keep = {"logits_to_keep": l} if isinstance(inner, PolicyAdapter) else {}
         out = []
         for s in range(0, k * b, step):
-            logits = model(noisy[s:s + step], attention_mask=None if attn is None else attn[s:s + step]).logits
-            lp = token_logprobs(logits, targets[s:s + step], scored[s:s + step], chunk_size=self.chunk_size)
-            out.append(lp[:, prompt_len:])
+            logits = model(noisy[s:s + step], attention_mask=None if attn is None else attn[s:s + step],
+                           **keep).logits[:, -(t - prompt_len):]
+            lp = token_logprobs(logits, targets[s:s + step, prompt_len:], scored[s:s + step, prompt_len:],
+                                chunk_size=self.chunk_size)
+            out.append(lp)
         return torch.cat(out).view(k, b, t - prompt_len)
 
     def combine(self, sample: MaskSample, logps: torch.Tensor) -> EstimateOutput:

@@ -141,10 +141,17 @@ class Trainer:
     def backward_and_step(self, loss: torch.Tensor) -> None:
         """One micro-batch: DeepSpeed scales by 1/grad_accum and steps at the boundary."""
         self.engine.backward(loss)
+        if self.engine.zero_optimization_stage() == 0 and self.engine.is_gradient_accumulation_boundary():
+            # ZeRO-0 does not record the norm; ZeRO-1/2/3 do (their gradients are partitioned)
+            params = [p for p in self.engine.module.parameters() if p.grad is not None]
+            self._stage0_grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
         self.engine.step()
 
     def grad_norm(self) -> float:
+        """Global gradient norm of the last optimizer step (before clipping)."""
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = getattr(self, "_stage0_grad_norm", None)
         return float(norm) if norm is not None else float("nan")
 
     def current_lr(self) -> float:

@@ -19,7 +19,19 @@ from types import SimpleNamespace
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import MaskedLMOutput
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class PolicyOutput(ModelOutput):
+    """``logits [B, T or n, V]``; ``hidden_states`` when asked; ``token_logps [B, n]`` (float32,
+    0 where not scored) instead of logits when ``score_targets`` is given."""
+
+    logits: torch.Tensor | None = None
+    hidden_states: tuple | None = None
+    token_logps: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -113,20 +125,50 @@ class PolicyAdapter(nn.Module):
     def config(self):
         return getattr(self.model, "config", None)
 
+    @property
+    def fused_scoring(self) -> bool:
+        """Whether ``forward(..., score_targets=...)`` is available (LM head split from the trunk)."""
+        return not self.logits_shifted and _split_head(self.model) is not None
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                output_hidden_states: bool = False, **kw) -> MaskedLMOutput:
+                output_hidden_states: bool = False, logits_to_keep: int = 0,
+                score_targets: torch.Tensor | None = None, **kw) -> PolicyOutput:
         """Run the model; ``.logits[:, i]`` predicts token ``i`` (realigned for shifted models);
-        ``.hidden_states`` (tuple, realigned the same way) when ``output_hidden_states``."""
+        ``.hidden_states`` (tuple, realigned the same way) when ``output_hidden_states``.
+
+        ``logits_to_keep = n > 0``: only the logits of the last ``n`` positions (a completion),
+        with the LM head applied only there when the model allows it (see :func:`_split_head`);
+        otherwise the full logits are sliced.
+
+        ``score_targets [B, n]`` (with ``logits_to_keep = n``; -1 = not scored; needs
+        :attr:`fused_scoring`): return ``token_logps`` = log p(target) at the scored positions
+        instead of logits. The head runs only on scored positions, in chunks whose logits are
+        recomputed in the backward pass, so no ``[B, n, V]`` tensor ever exists."""
         if output_hidden_states:
             kw["output_hidden_states"] = True
-        out = self.model(input_ids, attention_mask=attention_mask, **kw)
+        raw_keep = logits_to_keep + 1 if (logits_to_keep and self.logits_shifted) else logits_to_keep
+        split = _split_head(self.model) if raw_keep and not output_hidden_states else None
+        if score_targets is not None:
+            if split is None or self.logits_shifted or score_targets.shape[1] != logits_to_keep:
+                raise ValueError("score_targets needs fused_scoring and score_targets.shape[1] == logits_to_keep")
+            trunk, head = split
+            h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state[:, -logits_to_keep:]
+            return PolicyOutput(token_logps=_scored_logprobs(head, h, score_targets))
+        if split is not None:
+            trunk, head = split
+            h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+            out = MaskedLMOutput(logits=head(h[:, -raw_keep:]))
+        else:
+            out = self.model(input_ids, attention_mask=attention_mask, **kw)
         logits = out.logits
         hidden = getattr(out, "hidden_states", None) if output_hidden_states else None
         if self.logits_shifted:
             logits = _unshift(logits)
             if hidden is not None:
                 hidden = tuple(_unshift(h) for h in hidden)
-        return MaskedLMOutput(logits=logits, hidden_states=hidden)
+        if logits_to_keep and logits.shape[1] > logits_to_keep:
+            logits = logits[:, -logits_to_keep:]
+        return PolicyOutput(logits=logits, hidden_states=hidden)
 
     # ----------------------------------------------------------------------------------------------
     @classmethod
@@ -170,6 +212,40 @@ class PolicyAdapter(nn.Module):
 def _unshift(t: torch.Tensor) -> torch.Tensor:
     """``t[:, i]`` predicts token ``i+1`` -> ``out[:, i]`` predicts token ``i`` (Dream's realignment)."""
     return torch.cat([t[:, :1], t[:, :-1]], dim=1)
+
+
+# Masked-LM classes whose logits are exactly ``lm_head(trunk(x).last_hidden_state)``.
+_HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head")}
+
+
+def _split_head(model: nn.Module):
+    """``(trunk, head)`` for models whose LM head is applied directly to the trunk's last hidden
+    state (peft wrappers looked through), so scoring a completion needs the head only on its
+    positions; None for others (LLaDA/Dream remote code: full logits, then a slice)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = _HEAD_ON_TRUNK.get(type(base).__name__)
+    if names is None:
+        return None
+    return getattr(base, names[0]), getattr(base, names[1])
+
+
+def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    # [chunk, V] float32 for scored positions only (log_softmax: one fused kernel, faster than logsumexp)
+    return torch.log_softmax(head(h).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
+
+
+def _scored_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+    """``log softmax(head(h))[target]`` at positions with ``targets >= 0`` (0 elsewhere), float32
+    ``[B, n]``. Chunks of ``chunk_size`` positions; each chunk is activation-checkpointed, so its
+    logits live only while that chunk is computed (forward) or recomputed (backward)."""
+    sel = targets >= 0
+    hs, ts = h[sel], targets[sel]
+    parts = [checkpoint(_chunk_logprobs, head, hs[i:i + chunk_size], ts[i:i + chunk_size], use_reentrant=False)
+             for i in range(0, hs.shape[0], chunk_size)]
+    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+    if parts:
+        out = out.index_put((sel,), torch.cat(parts))
+    return out
 
 
 def _forward_takes_cache(model: nn.Module) -> bool:

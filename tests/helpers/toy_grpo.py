@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--deepspeed", default="zero0")
     ap.add_argument("--beta", type=float, default=0.0)
-    ap.add_argument("--out", default=None, help="write final metrics + a weight checksum here (rank 0)")
+    ap.add_argument("--out", default=None, help="write final metrics + a weight checksum to OUT.rank<r>.json")
     args = ap.parse_args(argv)
     import torch
     import torch.distributed as dist
@@ -64,11 +64,12 @@ def main(argv=None) -> int:
     last = trainer.train()
     from rl.engine import consolidated_state_dict
 
-    sd = consolidated_state_dict(trainer.engine)
-    if args.out and dist.get_rank() == 0:
-        checksum = float(sum(v.double().sum() for v in sd.values()))
-        with open(args.out, "w") as f:
-            json.dump({"metrics": last, "checksum": checksum, "world_size": dist.get_world_size()}, f)
+    sd = consolidated_state_dict(trainer.engine, rank0_only=False)  # every rank: full weights
+    if args.out:
+        checksum = float(sum(v.double().abs().sum() for v in sd.values()))
+        with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
+            json.dump({"metrics": last, "checksum": checksum, "world_size": dist.get_world_size(),
+                       "step": trainer.step}, f)
     return 0
 
 
