@@ -1,0 +1,167 @@
+"""Unmasking-order learner: the policy module, what rollouts record, and short training runs."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rl.config import RolloutOptions
+from rl.plackett_luce import plackett_luce_logprob
+from rl.unmask_order import (OrderPolicy, PlackettLuceOrder, UnmaskOrderConfig, generate_with_order,
+                             rebuild_states, trajectory_states)
+
+RO = RolloutOptions(gen_length=8, block_length=4, steps=6, temperature=0.0)  # 2 blocks x 3 steps, k = 2,1,1
+
+
+@pytest.fixture
+def policy():
+    from rollout import build_tiny_policy
+
+    return OrderPolicy(build_tiny_policy(seed=0))
+
+
+def prompts(tok, n):
+    from rl.data import encode_prompt, left_pad
+
+    return left_pad([encode_prompt(tok, "x" * (1 + i % 3)) for i in range(n)], tok.pad_token_id)
+
+
+def randomize_head(policy, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.head.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def test_head_starts_uniform_and_dllm_frozen(policy):
+    ids, mask = prompts(policy.tokenizer, 3)
+    hook = PlackettLuceOrder(policy.head, gen_length=RO.gen_length, generator=torch.Generator().manual_seed(0))
+    generate_with_order(policy.dllm, hook, ids, mask, RO)
+    # every draw of k positions among n candidates has probability 1 / (n (n-1) ... (n-k+1))
+    want = [-math.log(4 * 3), -math.log(2), 0.0] * 2  # per block: k=2 of 4, k=1 of 2, forced
+    got = torch.stack(hook.step_logps, 1)
+    torch.testing.assert_close(got, torch.tensor(want).expand(3, 6))
+    assert not any(p.requires_grad for p in policy.dllm.parameters())
+    assert all(p.requires_grad for p in policy.head.parameters())
+
+
+def test_trajectory_states_candidates_chosen_and_forced_step():
+    # one row, L = 8, blocks of 4, 2 steps per block (steps 0,1 -> block 0; 2,3 -> block 1)
+    unmask_step = torch.tensor([[1, 0, 0, 1, 3, 2, 3, 3]])
+    rank = torch.tensor([[0, 1, 0, 0, 0, 0, 0, 1]])
+    st = trajectory_states(unmask_step, rank, steps=4, block_length=4)
+    assert st.step.tolist() == [0, 1, 2, 3] and st.row.tolist() == [0, 0, 0, 0]
+    assert st.start.tolist() == [0, 0, 4, 4]
+    assert st.masked.int().tolist() == [[1, 1, 1, 1], [1, 0, 0, 1], [1, 1, 1, 1], [1, 0, 1, 1]]
+    assert st.rank.tolist() == [[-1, 1, 0, -1], [0, -1, -1, 0], [-1, 0, -1, -1], [0, -1, 0, 1]]
+    assert st.has_policy_term.tolist() == [True, False, True, False]  # last step of a block is forced
+    with pytest.raises(ValueError, match="exactly once"):
+        trajectory_states(torch.tensor([[1, 0, 0, 1, 0, 2, 3, 3]]), rank, steps=4, block_length=4)
+
+
+def test_recorded_trajectories_reproduce_rollout_logprobs_cached_and_recomputed(policy):
+    """Training never re-runs the sampler: from unmask_step + the recorded draw order it gets the
+    rollout's own log-probs, from cached hidden states and from rebuilt states x_s alike."""
+    randomize_head(policy)
+    ids, mask = prompts(policy.tokenizer, 4)
+    hook = PlackettLuceOrder(policy.head, gen_length=RO.gen_length, generator=torch.Generator().manual_seed(0),
+                             cache=True)
+    ro = generate_with_order(policy.dllm, hook, ids, mask, RO)
+    rollout_logp = torch.stack(hook.step_logps)  # [S, B]
+    assert (rollout_logp[[0, 1, 3, 4]] < 0).all()
+    st = trajectory_states(ro.unmask_step, hook.rank_in_step, steps=RO.steps, block_length=RO.block_length)
+    assert len(st.row) == 4 * RO.steps
+    with torch.no_grad():
+        cached, _ = policy(st.masked, st.frac, hidden=hook.hidden[st.step, st.row], feats=hook.feats[st.step, st.row])
+        p = ro.prompt_ids.shape[1]
+        x = rebuild_states(ro.sequences, ro.unmask_step, st, p, policy.mask_token_id)
+        window = p + st.start[:, None] + torch.arange(RO.block_length)[None]
+        recomputed, _ = policy(st.masked, st.frac, input_ids=x, attention_mask=ro.attention_mask[st.row],
+                               window=window)
+    want = rollout_logp[st.step, st.row]
+    for scores in (cached, recomputed):
+        lp = plackett_luce_logprob(scores, st.masked, st.rank) * st.has_policy_term
+        torch.testing.assert_close(lp, want, atol=1e-4, rtol=1e-4)
+    # x_s holds exactly the tokens committed before s
+    assert ((x[:, p:] == policy.mask_token_id) == (ro.unmask_step[st.row] >= st.step[:, None])).all()
+
+
+def test_greedy_hook_commits_top_k_scores():
+    from rollout import build_tiny_policy
+
+    dllm = build_tiny_policy(seed=0)
+    left_first = lambda hidden, feats, masked, frac: -torch.arange(masked.shape[1]).float().expand(masked.shape)
+    ids, mask = prompts(dllm.tokenizer, 2)
+    hook = PlackettLuceOrder(left_first, gen_length=8, greedy=True)
+    ro = generate_with_order(dllm, hook, ids, mask, RO)
+    assert ro.unmask_step.tolist() == [[0, 0, 1, 2, 3, 3, 4, 5]] * 2
+
+
+def toy_trainer(tmp_path, **kw):
+    from rollout import build_tiny_policy
+    from rl.unmask_order import UnmaskOrderTrainer
+
+    cfg = UnmaskOrderConfig(run_dir=str(tmp_path / "run"), per_device_batch_size=2, num_generations=8,
+                            wandb_mode="disabled", **{"lr": 3e-3, "max_steps": 12, "rollout": RO, **kw})
+    rows = [{"prompt": "x" * (1 + i % 5)} for i in range(10)]
+    seen = {}
+    # Reward read from the rollout itself: the fraction of position pairs (i < j) of each block
+    # committed left to right. Only the order can earn it.
+    def reward_fn(prompts, completions, **cols):
+        u = seen["ro"].unmask_step.view(len(completions), -1, RO.block_length)
+        pairs = (u[..., :, None] <= u[..., None, :]).triu(1).sum((-1, -2, -3)).float()
+        r = (pairs / (u.shape[1] * RO.block_length * (RO.block_length - 1) / 2)).tolist()
+        return SimpleNamespace(total=r, per_function={"left_first": r})
+
+    trainer = UnmaskOrderTrainer(cfg, build_tiny_policy(seed=0), rows, reward_fn=reward_fn)
+    rollout = trainer.rollout
+
+    def spy(rows):
+        out = rollout(rows)
+        seen["ro"] = out[0]
+        return out
+
+    trainer.rollout = spy
+    return trainer
+
+
+def test_training_learns_a_rewarded_order_and_exports(tmp_path):
+    from rl.unmask_order import load_order_policy
+
+    trainer = toy_trainer(tmp_path, export_hf=True)
+    trainer.train()
+    rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rewards = [r["reward"] for r in rows if "reward" in r]
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    print(f"left-to-right reward: first 3 steps {first:.3f}, last 3 steps {last:.3f}")
+    assert last > first + 0.1, (first, last)
+    for key in ("loss", "clip_ratio/region_mean", "order/logp_per_step", "reward_std", "timing/rollout"):
+        assert key in rows[-1], key
+    # the export loads back with the trained head
+    loaded = load_order_policy(tmp_path / "run" / "final")
+    trained = trainer.engine.module
+    for a, b in zip(loaded.head.state_dict().values(), trained.head.state_dict().values()):
+        torch.testing.assert_close(a, b)
+    assert not torch.equal(trained.head.out.weight, torch.zeros_like(trained.head.out.weight))
+
+
+def test_co_training_updates_the_dllm(tmp_path):
+    trainer = toy_trainer(tmp_path, train_dllm=True, cache_features=False, max_steps=2,
+                          rollout=RolloutOptions(gen_length=8, block_length=4, steps=6, temperature=1.0))
+    before = [p.detach().clone() for p in trainer.engine.module.dllm.parameters()]
+    metrics = trainer.train()
+    assert math.isfinite(metrics["loss"])
+    after = list(trainer.engine.module.dllm.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_bad_config_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match="rollout.threshold"):
+        toy_trainer(tmp_path, rollout=RolloutOptions(gen_length=8, block_length=4, steps=6, threshold=0.9))
+    with pytest.raises(KeyError, match="prompt"):
+        from rl.unmask_order import UnmaskOrderTrainer
+        from rollout import build_tiny_policy
+
+        UnmaskOrderTrainer(UnmaskOrderConfig(run_dir=str(tmp_path)), build_tiny_policy(), [{"q": 1}])
