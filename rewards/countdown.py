@@ -14,6 +14,7 @@ import random
 import re
 from collections import Counter
 from fractions import Fraction
+from rewards.registry import require_columns
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
@@ -75,11 +76,7 @@ def score_countdown(completion: str, nums: list[int], target: int) -> float:
 
 def countdown_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
     """Countdown reward over columns ``nums`` (list of ints) and ``target`` (int); see module doc."""
-    for key in ("nums", "target"):
-        if key not in columns:
-            raise KeyError(f"countdown reward needs column {key!r}")
-        if len(columns[key]) != len(completions):
-            raise ValueError(f"column {key!r} has {len(columns[key])} rows for {len(completions)} completions")
+    require_columns("countdown", columns, ("nums", "target"), len(completions))
     return [None if n is None or t is None else score_countdown(c, n, int(t))
             for c, n, t in zip(completions, columns["nums"], columns["target"])]
 

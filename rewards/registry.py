@@ -30,6 +30,15 @@ def register_reward(name: str, *, factory: bool = False):
     return deco
 
 
+def require_columns(reward: str, columns: dict, keys: tuple[str, ...], n: int) -> None:
+    """One clear error naming the reward and the column that is missing or has the wrong length."""
+    for key in keys:
+        if key not in columns:
+            raise KeyError(f"{reward} reward needs column {key!r} (got {sorted(columns)})")
+        if len(columns[key]) != n:
+            raise ValueError(f"column {key!r} has {len(columns[key])} rows for {n} completions")
+
+
 def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
 

@@ -11,6 +11,7 @@ import random
 import re
 from functools import lru_cache
 from typing import Sequence
+from rewards.registry import require_columns
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _UNITS = ([[r * 4 + c for c in range(4)] for r in range(4)]
@@ -63,11 +64,7 @@ def sudoku_solved(completion: str, puzzle: str, solution: str) -> bool:
 
 def sudoku_reward(prompts: list[str], completions: list[str], **columns) -> list[float | None]:
     """Sudoku reward over columns ``puzzle`` and ``solution`` (see `sudoku_score`)."""
-    for key in ("puzzle", "solution"):
-        if key not in columns:
-            raise KeyError(f"sudoku reward needs column {key!r}")
-        if len(columns[key]) != len(completions):
-            raise ValueError(f"column {key!r} has {len(columns[key])} rows for {len(completions)} completions")
+    require_columns("sudoku", columns, ("puzzle", "solution"), len(completions))
     out: list[float | None] = []
     for i, (c, p, s) in enumerate(zip(completions, columns["puzzle"], columns["solution"])):
         if p is None or s is None:
