@@ -69,7 +69,7 @@ class SFTTrainer(Trainer):
         for sl in self.micro_batches(n):
             loss = diffusion_sft_loss(self.model, batch["input_ids"][sl], batch["response_mask"][sl],
                                       mask_id=self.mask_id, attention_mask=batch["attention_mask"][sl],
-                                      generator=self.generators["mask"])
+                                      generator=self.generators["mask"], eps=self.config.eps)
             # each micro-batch is a mean over its rows; weight it by its share of the batch
             scaled = loss * (sl.stop - sl.start) / n * len(self.micro_batches(n))
             self.backward_and_step(scaled)
@@ -90,7 +90,7 @@ class SFTTrainer(Trainer):
             batch = self.batch(self.eval_dataset[i:i + bs])
             losses.append(diffusion_sft_loss(self.model, batch["input_ids"], batch["response_mask"],
                                              mask_id=self.mask_id, attention_mask=batch["attention_mask"],
-                                             generator=g))
+                                             generator=g, eps=self.config.eps))
         self.engine.train()
         g.set_state(state)  # the same masks at every evaluation: curves are comparable
         return {"eval/loss": torch.stack(losses).mean()}

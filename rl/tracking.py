@@ -7,6 +7,7 @@ Metric names follow TRL's (``reward``, ``reward_std``, ``kl``, ``timing/<phase>`
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -16,6 +17,8 @@ from typing import Any, Sequence
 import torch
 
 from rl import distributed as D
+
+log = logging.getLogger(__name__)
 
 _WANDB_ID_FILE = "wandb_run_id.txt"
 
@@ -117,9 +120,22 @@ class Tracker:
         id_file = self.run_dir / _WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.sdk.lib.runid.generate_id()
         id_file.write_text(run_id)
-        self._wandb = wandb.init(project=project, name=name, config=config or {}, dir=str(self.run_dir),
-                                 mode=mode, id=run_id, resume="allow",
-                                 settings=wandb.Settings(console="off", silent=True))
+        kwargs = dict(project=project, name=name, config=config or {}, dir=str(self.run_dir), mode=mode,
+                      resume="allow", settings=wandb.Settings(console="off", silent=True))
+        # After a SIGKILL the killed run's wandb-core service can hold the id for a few seconds
+        # (until it notices its parent is gone): wait for it, then fall back to a fresh id.
+        for attempt in range(20):
+            try:
+                self._wandb = wandb.init(id=run_id, **kwargs)
+                return
+            except Exception as e:  # wandb raises its own ServerResponseError: "run ID ... is in use"
+                if "in use" not in str(e):
+                    raise
+                time.sleep(0.5)
+        log.warning("W&B run id %s is still held by another process; logging to a new run", run_id)
+        run_id = wandb.sdk.lib.runid.generate_id()
+        id_file.write_text(run_id)
+        self._wandb = wandb.init(id=run_id, **kwargs)
 
     # ------------------------------------------------------------------ logging
     def log(self, metrics: dict[str, Any], step: int) -> None:
