@@ -1,21 +1,28 @@
 """Benchmark: a learned unmasking order vs random order vs low-confidence remasking (Sudoku 4x4).
 
-Pipeline (the embedded default, nothing downloaded):
-  1. SFT the tiny char-level dLLM on a small labelled set (64 puzzles; masked-diffusion SFT).
-  2. Per seed: train an unmasking-order head (uniform initial scores, frozen dLLM) with
-     ``UnmaskOrderTrainer`` on unlabelled puzzles, reward = fraction of empty cells right.
-  3. Evaluate exact-solve accuracy on a fixed held-out set at the same number of denoising steps
-     (fewer steps than tokens, so several positions are committed per step and order matters):
-     random order (sampler's ``remasking="random"``), low-confidence remasking (LLaDA), and the
-     learned head (top-K of its scores). Tokens are decoded greedily (temperature 0) everywhere.
+Data: the recipe's ``sudoku4`` task (rl/tasks.py, prompt_style minimal, split_seed 1234): the
+same SFT / RL / validation / held-out test splits and prompts as ``python -m recipes``, so the
+numbers compare with the recipe's eval (nothing downloaded).
 
-    .venv/bin/python scripts/bench_unmask_order.py            # ~15-25 min on 2 shared CPU cores
-    .venv/bin/python scripts/bench_unmask_order.py --quick    # smoke run
+  1. The dLLM: ``--sft-model PATH`` (e.g. the recipe's ``runs/.../sft/final``; one path for every
+     seed, or one per seed), else a masked-diffusion SFT of the tiny model on the task's SFT split.
+  2. Per seed: train an unmasking-order head (uniform initial scores, frozen dLLM) with
+     ``UnmaskOrderTrainer`` on the RL split, reward = fraction of empty cells right; with
+     ``--eval-every N`` keep the head with the best validation exact-solve rate (never the test split).
+  3. Evaluate exact-solve accuracy on the held-out test split at the same number of denoising steps
+     (fewer steps than tokens, so several positions are committed per step and order matters):
+     random order (sampler's ``remasking="random"``, seeded per seed), low-confidence remasking
+     (LLaDA), and the learned head (top-K of its scores). Tokens are greedy (temperature 0) everywhere.
+
+    .venv/bin/python scripts/bench_unmask_order.py --sft-model runs/seeds/seed0/sft/final \
+        --steps 9 --rl-steps 60 --eval-every 5 --prompts-per-step 16 --generations 8   # ~12 min, 3 seeds
+    .venv/bin/python scripts/bench_unmask_order.py --quick    # smoke run (in-script SFT)
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -29,7 +36,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from rewards.sudoku import make_sudoku_dataset, sudoku_score, sudoku_solved  # noqa: E402
+from rewards.sudoku import sudoku_score, sudoku_solved  # noqa: E402
 from rl.config import RolloutOptions, SFTConfig  # noqa: E402
 from rl.data import encode_prompt, left_pad  # noqa: E402
 from rl.sft import SFTTrainer  # noqa: E402
@@ -38,17 +45,17 @@ from rl.unmask_order import (OrderPolicy, PlackettLuceOrder, UnmaskOrderConfig, 
 from rollout import PolicyAdapter, build_tiny_policy, generate  # noqa: E402
 
 
-def split_data(n_sft: int, n_rl: int, n_val: int, n_test: int, seed: int = 0):
-    """Disjoint (sft, rl, val, test) puzzles; the sft and test sets do not depend on the other sizes."""
-    rows = make_sudoku_dataset(n_sft + n_test + n_val + n_rl, seed=seed)
-    for r in rows:
-        r["prompt"] = r["puzzle"]
-    a, b, c = n_sft, n_sft + n_test, n_sft + n_test + n_val
-    return rows[:a], rows[c:], rows[b:c], rows[a:b]
+def task_splits():
+    """The recipe's sudoku4 splits (rl.tasks, the defaults of recipes.schema.TaskConfig)."""
+    from recipes.schema import TaskConfig
+    from rl.tasks import build_task
+
+    task = build_task(TaskConfig(name="sudoku4", prompt_style="minimal"))
+    return tuple(task.rows(s) for s in ("sft", "rl", "val", "test"))
 
 
 def sft(policy, rows, steps: int, run_dir: str):
-    data = [{"prompt": r["puzzle"], "response": r["solution"]} for r in rows]
+    data = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     data = data * max(1, -(-128 // len(data)))  # >= one batch of 128 (each puzzle, fresh masks)
     cfg = SFTConfig(run_dir=run_dir, max_steps=steps, lr=1e-3, per_device_batch_size=128, export_hf=False,
                     wandb_mode="disabled", seed=0)
@@ -107,68 +114,95 @@ def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):5.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0.0):4.1f}"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=6, help="denoising steps for 17 completion tokens")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--sft-steps", type=int, default=120)
-    ap.add_argument("--rl-steps", type=int, default=20)
-    ap.add_argument("--eval-every", type=int, default=0, help="> 0: keep the best head on the validation set")
-    ap.add_argument("--n-test", type=int, default=128)
-    ap.add_argument("--n-val", type=int, default=64)
-    ap.add_argument("--run-dir", default="runs/bench_unmask_order")
-    ap.add_argument("--sft-dir", default=None, help="reuse this SFT checkpoint if it exists, else write it there")
-    ap.add_argument("--prompts-per-step", type=int, default=8)
-    ap.add_argument("--generations", type=int, default=6)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
-    args = ap.parse_args()
-    if args.quick:
-        args.sft_steps, args.rl_steps, args.eval_every, args.n_test, args.n_val, args.seeds = 20, 4, 2, 32, 32, [0]
-    torch.set_num_threads(2)
-
-    sft_rows, rl_rows, val_rows, test_rows = split_data(64, 512, args.n_val, args.n_test)
-    ro = RolloutOptions(gen_length=17, block_length=17, steps=args.steps, temperature=0.0)
-    t0 = time.perf_counter()
+def load_dllms(args, sft_rows) -> dict[int, PolicyAdapter]:
+    """One frozen dLLM per learner seed: ``--sft-model`` (one path for all seeds or one per seed),
+    else an in-script SFT (cached in ``--sft-dir``)."""
+    if args.sft_model:
+        if len(args.sft_model) not in (1, len(args.seeds)):
+            raise ValueError(f"--sft-model: give one path or one per seed ({len(args.seeds)}), got {len(args.sft_model)}")
+        paths = args.sft_model * len(args.seeds) if len(args.sft_model) == 1 else args.sft_model
+        cache: dict[str, PolicyAdapter] = {}
+        for p in paths:
+            if not (Path(p) / "config.json").is_file():
+                raise FileNotFoundError(f"--sft-model {p}: no HF checkpoint (config.json) there")
+            cache.setdefault(p, PolicyAdapter.from_pretrained(p).eval())
+        for s, p in zip(args.seeds, paths):
+            print(f"seed {s}: SFT checkpoint {p}", flush=True)
+        return {s: cache[p] for s, p in zip(args.seeds, paths)}
     if args.sft_dir and (Path(args.sft_dir) / "config.json").is_file():
         dllm = PolicyAdapter.from_pretrained(args.sft_dir)
         print(f"SFT checkpoint loaded from {args.sft_dir}", flush=True)
     else:
+        t0 = time.perf_counter()
         dllm = sft(build_tiny_policy(seed=0), sft_rows, args.sft_steps, f"{args.run_dir}/sft")
-        print(f"SFT: 64 puzzles, {args.sft_steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"SFT: {len(sft_rows)} puzzles, {args.sft_steps} steps, {time.perf_counter() - t0:.0f} s", flush=True)
         if args.sft_dir:
             dllm.save_pretrained(args.sft_dir)
+    return {s: dllm for s in args.seeds}
 
-    low_conf = evaluate(dllm, test_rows, ro, order="low_confidence")
-    rand = {s: evaluate(dllm, test_rows, ro, order="random", seed=s) for s in args.seeds}
-    print(f"baselines: low-confidence exact {100 * low_conf[0]:.1f}%; random exact "
-          + ", ".join(f"{100 * v[0]:.1f}%" for v in rand.values()), flush=True)
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=9, help="denoising steps for 17 completion tokens")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sft-model", nargs="+", default=None, metavar="PATH",
+                    help="HF dLLM checkpoint(s) to freeze (one for every seed, or one per seed)")
+    ap.add_argument("--sft-steps", type=int, default=120, help="in-script SFT steps (without --sft-model)")
+    ap.add_argument("--rl-steps", type=int, default=60)
+    ap.add_argument("--eval-every", type=int, default=5, help="> 0: keep the best head on the validation split")
+    ap.add_argument("--n-test", type=int, default=0, help="first N test puzzles (0 = the whole split)")
+    ap.add_argument("--n-val", type=int, default=0, help="first N validation puzzles (0 = the whole split)")
+    ap.add_argument("--run-dir", default="runs/bench_unmask_order")
+    ap.add_argument("--sft-dir", default=None, help="reuse this in-script SFT checkpoint if it exists, else write it there")
+    ap.add_argument("--prompts-per-step", type=int, default=16)
+    ap.add_argument("--generations", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=5e-3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.sft_steps, args.rl_steps, args.eval_every, args.n_test, args.n_val, args.seeds = 20, 4, 2, 32, 32, [0]
+    torch.set_num_threads(args.threads)
+
+    sft_rows, rl_rows, val_rows, test_rows = task_splits()
+    val_rows = val_rows[:args.n_val] if args.n_val else val_rows
+    test_rows = test_rows[:args.n_test] if args.n_test else test_rows
+    ro = RolloutOptions(gen_length=17, block_length=17, steps=args.steps, temperature=0.0)
+    dllms = load_dllms(args, sft_rows)
+
+    low_conf = {s: evaluate(dllms[s], test_rows, ro, order="low_confidence") for s in args.seeds}
+    rand = {s: evaluate(dllms[s], test_rows, ro, order="random", seed=s) for s in args.seeds}
+    full = {s: evaluate(dllms[s], test_rows, dataclasses.replace(ro, steps=17), order="low_confidence")
+            for s in args.seeds}
+    print("baselines (test exact): " + "; ".join(
+        f"seed {s}: low-confidence {100 * low_conf[s][0]:.1f}%, random {100 * rand[s][0]:.1f}%, "
+        f"low-confidence at 17 steps {100 * full[s][0]:.1f}%" for s in args.seeds), flush=True)
     learned = {}
     for s in args.seeds:
-        head, best, secs = train_order(dllm, rl_rows, val_rows, ro, seed=s, steps=args.rl_steps,
+        head, best, secs = train_order(dllms[s], rl_rows, val_rows, ro, seed=s, steps=args.rl_steps,
                                        eval_every=args.eval_every, run_dir=f"{args.run_dir}/seed{s}",
                                        prompts_per_step=args.prompts_per_step, generations=args.generations, lr=args.lr)
-        learned[s] = evaluate(dllm, test_rows, ro, order="learned", head=head)
+        learned[s] = evaluate(dllms[s], test_rows, ro, order="learned", head=head)
         chosen = f"best val exact {100 * best['acc']:.1f}% at step {best['step']}" if args.eval_every else "final head"
         print(f"seed {s}: RL {args.rl_steps} steps in {secs:.0f} s ({chosen}); test exact "
               f"{100 * learned[s][0]:.1f}% cell {100 * learned[s][1]:.1f}%; conf gate "
-              f"{float(head.conf_gate[0]) * head.conf_scale:.2f}", flush=True)
+              f"{float(head.conf_gate.detach()[0]) * head.conf_scale:.2f}", flush=True)
 
     k = -(-17 // args.steps)
-    lc = low_conf[0]
-    print(f"\nSudoku 4x4, tiny dLLM after 64-puzzle SFT; {len(test_rows)} held-out puzzles; 17 tokens in "
-          f"{args.steps} steps (up to {k} per step), greedy tokens; seeds {args.seeds}")
+    src = "SFT checkpoint(s) " + ", ".join(sorted(set(args.sft_model))) if args.sft_model else "in-script SFT"
+    print(f"\nSudoku 4x4 (recipe task sudoku4), tiny dLLM from {src}; {len(test_rows)} held-out test puzzles; "
+          f"17 tokens in {args.steps} steps (up to {k} per step), greedy tokens; seeds {args.seeds}")
     print("| order | exact solve % (mean ± std) | cell acc % | exact / low-confidence |")
     print("|---|---|---|---|")
-    rows = [("random", [rand[s] for s in args.seeds]), ("low-confidence", [low_conf] * len(args.seeds)),
-            ("learned (uniform init, RL)", [learned[s] for s in args.seeds])]
-    for name, vals in rows:
-        ex, ce = [v[0] for v in vals], [v[1] for v in vals]
+    lc = statistics.mean(low_conf[s][0] for s in args.seeds)
+    rows = [("random", rand), ("low-confidence", low_conf), ("learned (uniform init, RL)", learned)]
+    for name, res in rows:
+        ex, ce = [res[s][0] for s in args.seeds], [res[s][1] for s in args.seeds]
         ratio = statistics.mean(ex) / lc if lc else float("nan")
         print(f"| {name} | {mean_std(ex)} | {mean_std(ce)} | {ratio:.2f}x |")
     print("per seed exact %: " + "; ".join(
-        f"seed {s}: random {100 * rand[s][0]:.1f}, learned {100 * learned[s][0]:.1f}" for s in args.seeds)
-          + f"; low-confidence {100 * lc:.1f}")
+        f"seed {s}: random {100 * rand[s][0]:.1f}, low-confidence {100 * low_conf[s][0]:.1f}, "
+        f"learned {100 * learned[s][0]:.1f}" for s in args.seeds))
 
 
 if __name__ == "__main__":

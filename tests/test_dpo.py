@@ -341,7 +341,11 @@ def test_on_policy_dpo_fits_its_pairs(tmp_path):
     """Fast version: a briefly SFT'd small model, 32 on-policy pairs seen for 8 epochs. At step 1
     (policy == reference, shared masks) every implicit reward is 0 and rewards/accuracies is 0;
     after updates the implicit reward ranks the pairs well above the 0.5 of a random ranking
-    (it jumps within a few steps). The task reward is reported; its rise is the slow test's."""
+    (it jumps within a few steps). The task reward is reported, not asserted: a model this weak
+    (greedy reward ~0.27, about what random digits get) does not improve its task reward in 17
+    steps with DPO or with RPO (measured 0.266 -> 0.246 for both), and a rise seen with a
+    200-step in-test SFT (+0.012 on 32 prompts) is too small to assert. The slow test asserts
+    the task-reward rise (RPO); docs/benchmarks.md has the runs from the recipe's SFT checkpoint."""
     out = on_policy_dpo_run(tmp_path, model_overrides=SMALL, sft_steps=40, num_prompts=40, num_generations=4,
                             dpo_steps=17, lr=3e-4, beta=0.1, n_samples=4, max_pairs=32)
     first, last = _report(out)

@@ -1,0 +1,175 @@
+"""Compose, type-check and validate the run config (Hydra compose API; no torch import here).
+
+``load_config(overrides)`` is the whole validation path: a typo'd key, a wrong type, an unknown
+group option or a value outside its allowed set raises :class:`ConfigError` with one line that
+names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from recipes.schema import CONFIG_DIR, ConfigError, RunConfig, register, validate
+
+GROUPS = ("model", "task", "rollout", "recipe", "experiment", "trainer@sft", "trainer@rl")
+
+
+def group_options(group: str) -> list[str]:
+    """YAML options of a config group (``trainer@rl`` -> the files in configs/trainer/)."""
+    folder = CONFIG_DIR / group.split("@")[0]
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The composed (unresolved) config for ``overrides``; Hydra/OmegaConf errors pass through."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    register()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3", job_name="dllm-rl"):
+        return hydra_compose(config_name="config", overrides=list(overrides))
+
+
+def _reject_extra_keys(node: DictConfig, prefix: str = "") -> None:
+    """Keys added with ``+key=...`` to a structured node are typos the schema cannot type-check."""
+    cls = OmegaConf.get_type(node)
+    allowed = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+    for k in node.keys():
+        if allowed is not None and k not in allowed:
+            raise ConfigError(f"{prefix}{k}: unknown key{_suggest(prefix + str(k))}")
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_interpolation() and not child._is_none():
+            _reject_extra_keys(child, f"{prefix}{k}.")
+
+
+def to_run_config(cfg: DictConfig) -> RunConfig:
+    """Resolve interpolations and build the dataclasses (types checked by OmegaConf)."""
+    _reject_extra_keys(cfg)
+    obj = OmegaConf.to_object(cfg)
+    assert isinstance(obj, RunConfig)
+    return validate(obj)
+
+
+# Free-form dict fields: their entries may be set without Hydra's "+" (model.tiny.hidden_size=64).
+OPEN_DICTS = ("model.tiny", "task.columns", "task.rewards", "eval.modes", "sft.estimator_options",
+              "rl.estimator_options", "rl.rewards")
+
+
+def _open_dict_overrides(overrides: list[str]) -> tuple[list[str], dict]:
+    """Entries of free-form dicts need no "+": ``model.tiny.hidden_size=64`` becomes
+    ``++model.tiny.hidden_size=64``. A whole-dict value (``task.rewards={gsm8k: 1.0}``) replaces
+    the dict instead of merging into it: it is returned separately and set after composition."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    out, replace = [], {}
+    for o in overrides:
+        key = o.split("=", 1)[0]
+        if "=" in o and not key.startswith(("+", "~")):
+            if key in OPEN_DICTS:
+                replace[key] = OverridesParser.create().parse_overrides([o])[0].value()
+                continue
+            if any(key.startswith(d + ".") for d in OPEN_DICTS):
+                o = "++" + o
+        out.append(o)
+    return out, replace
+
+
+def load_config(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Compose + resolve + validate; every failure becomes one :class:`ConfigError` line."""
+    from hydra.errors import HydraException
+
+    try:
+        plain, replace = _open_dict_overrides(list(overrides))
+        cfg = compose(plain)
+        for key, value in replace.items():
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key}={value!r}: expected a dict, e.g. {key}={{name: value}}")
+            OmegaConf.update(cfg, key, value, merge=False, force_add=True)
+        return to_run_config(cfg)
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as e:
+        raise ConfigError(explain(e, overrides)) from e
+
+
+# ---- one-line messages ---------------------------------------------------------------------------
+
+def _root_cause(e: BaseException) -> BaseException:
+    """The first OmegaConf error in the cause chain (it carries the full key), else the last cause."""
+    seen = 0
+    while not isinstance(e, OmegaConfBaseException) and (e.__cause__ or e.__context__) is not None and seen < 10:
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return e
+
+
+def _known_keys() -> list[str]:
+    """Every dotted key of the default composition (used to suggest a fix for a typo)."""
+    cfg = compose([])
+    keys: list[str] = []
+
+    def walk(node, prefix: str) -> None:
+        if isinstance(node, DictConfig):
+            for k in node.keys():
+                walk(node._get_node(k), f"{prefix}{k}.")
+        elif not isinstance(node, ListConfig):
+            keys.append(prefix[:-1])
+
+    walk(cfg, "")
+    return keys
+
+
+def _suggest(bad_key: str) -> str:
+    """"did you mean" text: keys with the same last part, else close spellings."""
+    try:
+        known = _known_keys()
+    except Exception:  # noqa: BLE001 - suggestions are best effort
+        return ""
+    last = bad_key.split(".")[-1]
+    same_leaf = [k for k in known if k.split(".")[-1] == last]
+    close = same_leaf or difflib.get_close_matches(bad_key, known, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close[:4])}?" if close else ""
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in str(text).splitlines() if line.strip()), str(text))
+
+
+def explain(e: BaseException, overrides=()) -> str:
+    """Turn a Hydra/OmegaConf exception into one line naming the key and what is allowed."""
+    from hydra.errors import MissingConfigException
+
+    if isinstance(e, MissingConfigException) or "Could not find '" in str(e):
+        missing = getattr(e, "missing_cfg_file", None) or ""
+        text = str(e)
+        if not missing and "Could not find '" in text:
+            missing = text.split("Could not find '", 1)[1].split("'", 1)[0]
+        group, _, option = missing.rpartition("/")
+        if group:
+            shown = next((o for o in overrides if o.split("=")[0].lstrip("+~").split("@")[0] == group), f"{group}={option}")
+            return f"{shown}: no such option; {group} is one of: {', '.join(group_options(group))}"
+        return _first_line(text)
+    cause = _root_cause(e)
+    if isinstance(cause, OmegaConfBaseException):
+        text = str(cause)
+        found = re.search(r"full_key: (\S+)", text)
+        key = cause.full_key or (found.group(1) if found else "")
+        msg = _first_line(text)
+        override = next((o for o in overrides if o.split("=")[0].lstrip("+~") == key), None)
+        if "not in struct" in msg or "Key '" in msg and "not" in msg:
+            bad = next((o.split("=")[0].lstrip("+~") for o in overrides
+                        if o.split("=")[0].lstrip("+~").startswith(key)), key)
+            return f"{bad}: unknown key{_suggest(bad)}"
+        if "could not be converted" in msg or "Invalid value" in msg or "Non optional" in msg \
+                or "Value '" in msg:
+            return f"{override or key}: {msg}"
+        if "Missing mandatory value" in msg:
+            return f"{key}: required value is missing (set {key}=...)"
+        return f"{key}: {msg}" if key else msg
+    return _first_line(str(cause) or str(e))

@@ -1,0 +1,107 @@
+"""Evaluation building blocks: generate completions for a task split, score them, and the
+``eval`` recipe's results table (markdown + JSON) over tasks x generation lengths x rollout modes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rl.config import RolloutOptions
+from rl.data import encode_prompt, left_pad
+from rl.tasks import Task
+from rollout import generate
+
+
+def _world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def generate_texts(model, tokenizer, prompts: list, ro: RolloutOptions, *, batch_size: int,
+                   generator: torch.Generator | None = None) -> tuple[list[str], int]:
+    """Completions of ``prompts`` with the rollout engine; returns ``(texts, forward_passes)``."""
+    device = next(model.parameters()).device
+    texts, passes = [], 0
+    for i in range(0, len(prompts), batch_size):
+        ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
+        out = generate(model, ids.to(device), attention_mask=mask.to(device), mask_id=model.mask_token_id,
+                       eos_id=model.eos_token_id, steps=ro.steps, gen_length=ro.gen_length,
+                       block_length=ro.block_length, temperature=ro.temperature, cfg_scale=ro.cfg_scale,
+                       remasking=ro.remasking, threshold=ro.threshold, early_commit=ro.early_commit,
+                       fill_after_eos=ro.fill_after_eos, kv_cache=ro.kv_cache, generator=generator)
+        texts += out.decode(tokenizer)
+        passes += out.num_forward_passes
+    return texts, passes
+
+
+def evaluate_rows(model, task: Task, rows: list[dict], ro: RolloutOptions, *, batch_size: int = 128,
+                  seed: int = 0, prefix: str = "eval/") -> dict[str, float]:
+    """Exact-solve accuracy and mean reward of ``model`` on ``rows`` (sharded over ranks, summed
+    with one all-reduce so every rank returns the same numbers)."""
+    rank, world = _world()
+    mine = rows[rank::world]
+    g = torch.Generator(device=next(model.parameters()).device)
+    g.manual_seed(seed)
+    t0 = time.perf_counter()
+    texts, passes = generate_texts(model, model.tokenizer, [r["prompt"] for r in mine], ro,
+                                   batch_size=batch_size, generator=g)
+    correct, reward = 0, 0.0
+    if mine:
+        correct = sum(task.correct(mine, texts))
+        columns = {k: [r.get(k) for r in mine] for k in mine[0] if k not in ("prompt", "response")}
+        prompts = [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in mine]
+        reward = float(sum(task.reward_fn()(prompts, texts, **columns).total))
+    batches = -(-len(mine) // batch_size)
+    stats = torch.tensor([correct, len(mine), reward, passes, batches], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(stats)
+    n = max(stats[1].item(), 1.0)
+    return {f"{prefix}accuracy": stats[0].item() / n, f"{prefix}reward": stats[2].item() / n,
+            f"{prefix}num_examples": stats[1].item(),
+            f"{prefix}forward_passes": stats[3].item() / max(stats[4].item(), 1.0),
+            f"{prefix}seconds": time.perf_counter() - t0}
+
+
+# ---- the eval recipe's table ---------------------------------------------------------------------
+
+def eval_rollouts(base: RolloutOptions, gen_lengths: list[int], block_length: int, steps_per_token: float,
+                  modes: dict) -> list[tuple[str, RolloutOptions]]:
+    """(label, rollout options) for every generation length x mode (d1: block 32, steps = len / 2)."""
+    out = []
+    for length in gen_lengths or [base.gen_length]:
+        if gen_lengths:
+            block = min(block_length, length)
+            steps = max(length // block, int(length * steps_per_token))
+            steps -= steps % (length // block)
+            ro = dataclasses.replace(base, gen_length=length, block_length=block, steps=steps)
+        else:
+            ro = base
+        for mode, overrides in modes.items():
+            unknown = set(overrides) - {f.name for f in dataclasses.fields(RolloutOptions)}
+            if unknown:
+                raise ValueError(f"eval.modes.{mode}: unknown rollout option(s) {sorted(unknown)}")
+            out.append((mode, dataclasses.replace(ro, **dict(overrides))))
+    return out
+
+
+def write_results(results: list[dict], run_dir: Path, title: str) -> tuple[Path, Path]:
+    """results.json and a markdown table results.md."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    js = run_dir / "results.json"
+    js.write_text(json.dumps(results, indent=2))
+    lines = [f"# {title}", "", "| task | gen_length | block | steps | mode | accuracy | mean reward | n | "
+             "forward passes / batch | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['task']} | {r['gen_length']} | {r['block_length']} | {r['steps']} | {r['mode']} | "
+                     f"{100 * r['accuracy']:.1f}% | {r['reward']:.3f} | {int(r['num_examples'])} | "
+                     f"{r['forward_passes']:.0f} | {r['seconds']:.1f} |")
+    md = run_dir / "results.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md, js

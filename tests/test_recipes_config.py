@@ -1,0 +1,135 @@
+"""The Hydra app's config layer: composition, typed overrides, one-line errors, real-model configs.
+No weights, no torch model: these run in seconds."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recipes.__main__ import main
+from recipes.config import group_options, load_config
+from recipes.schema import ConfigError, RunConfig
+from rl.config import DiffuGRPOConfig, RolloutOptions, SFTConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_default_composition_is_the_sudoku_sft_then_grpo_recipe():
+    cfg = load_config([])
+    assert isinstance(cfg, RunConfig)
+    assert cfg.recipe.name == "sft_then_grpo" and cfg.task.name == "sudoku4" and cfg.model.path is None
+    assert isinstance(cfg.sft, SFTConfig) and isinstance(cfg.rl, DiffuGRPOConfig)
+    assert isinstance(cfg.rl.rollout, RolloutOptions)
+    # run-level keys flow into both trainers
+    assert cfg.sft.seed == cfg.rl.seed == 0
+    assert cfg.sft.wandb_mode == cfg.rl.wandb_mode == "offline"
+    # RL samples at temperature 1 with the task's reward; evaluation is greedy with the same lengths
+    assert cfg.rl.rewards == cfg.task.rewards
+    assert cfg.rl.rollout.temperature == 1.0 and cfg.rollout.temperature == 0.0
+    assert cfg.rl.rollout.gen_length == cfg.rollout.gen_length
+    assert cfg.task.num_test == 256
+
+
+def test_top_level_overrides_reach_every_stage():
+    cfg = load_config(["seed=3", "resume=true", "logger.wandb.mode=disabled", "sft.max_steps=7",
+                       "rl.max_steps=5", "run_dir=/tmp/x"])
+    assert (cfg.seed, cfg.sft.seed, cfg.rl.seed) == (3, 3, 3)
+    assert cfg.sft.resume and cfg.rl.resume
+    assert cfg.sft.wandb_mode == cfg.rl.wandb_mode == "disabled"
+    assert (cfg.sft.max_steps, cfg.rl.max_steps) == (7, 5)
+    assert cfg.run_dir == "/tmp/x"
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("rl.lr=abc", "rl.lr=abc"),
+    ("trainer.lr=abc", "did you mean sft.lr or rl.lr"),
+    ("recipe=nope", "recipe is one of: dpo, eval, grpo, sft, sft_then_grpo, unmask_order"),
+    ("sft.max_stepz=3", "sft.max_stepz: unknown key; did you mean sft.max_steps"),
+    ("seed=x", "could not be converted to Integer"),
+    ("+rl.bogus=1", "rl.bogus: unknown key"),
+    ("task.name=foo", "task.name='foo' is not allowed; expected one of"),
+    ("rl.rollout.remasking=lowconf", "rl.rollout.remasking='lowconf' is not allowed"),
+    ("rl.deepspeed=zero9", "rl.deepspeed='zero9' is not allowed"),
+    ("rl.num_generations=1", "rl.num_generations=1 must be >= 2"),
+    ("rollout.block_length=5", "must be a positive multiple of block_length=5"),
+])
+def test_bad_overrides_raise_one_line_naming_the_key(override, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config([override])
+    msg = str(err.value)
+    assert expected in msg
+    assert "\n" not in msg
+
+
+def test_main_exits_2_with_one_line_on_stderr(capsys):
+    assert main(["trainer.lr=abc"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("dllm-rl: config error: trainer.lr")
+    assert main(["recipe=nope"]) == 2
+    assert "recipe=nope: no such option" in capsys.readouterr().err
+
+
+def test_cli_error_path_does_not_import_torch():
+    """The config error path stays light (the < 5 s promise): no torch/deepspeed import."""
+    code = ("import sys; from recipes.__main__ import main; rc = main(['rl.lr=abc']); "
+            "heavy = [m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules]; "
+            "print(rc, heavy)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "2 []", out.stdout + out.stderr
+
+
+def test_cfg_flag_prints_the_composed_config(capsys):
+    assert main(["--cfg", "rl.max_steps=11"]) == 0
+    out = capsys.readouterr().out
+    assert "max_steps: 11" in out and "recipe:" in out
+
+
+def test_recipe_groups_select_their_trainer():
+    assert load_config(["recipe=dpo"]).rl.__class__.__name__ in ("DPOConfig", "TrainerConfig")
+    assert not isinstance(load_config(["recipe=dpo"]).rl, DiffuGRPOConfig)
+    assert load_config(["recipe=sft"]).recipe.name == "sft"
+    ev = load_config(["recipe=eval", "eval.tasks=[sudoku4,countdown]", "eval.gen_lengths=[128,256]"])
+    assert ev.eval.tasks == ["sudoku4", "countdown"] and ev.eval.gen_lengths == [128, 256]
+
+
+def test_every_group_option_composes():
+    for group, key in (("model", "model"), ("task", "task"), ("rollout", "rollout"), ("recipe", "recipe")):
+        for option in group_options(group):
+            overrides = [f"{group}={option}"]
+            if option == "local":
+                overrides.append("task.path=data.jsonl")
+            cfg = load_config(overrides)
+            assert getattr(cfg, key) is not None
+    for option in group_options("trainer"):
+        if option.startswith("sft"):
+            assert isinstance(load_config([f"trainer@sft={option}"]).sft, SFTConfig)
+
+
+D1 = dict(lr=3e-6, num_generations=6, epsilon=0.5, beta=0.04, bf16=True, deepspeed="zero2")
+
+
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+def test_real_model_experiments_carry_d1_settings(experiment):
+    """Config drift guard for the GPU recipes (instantiated without weights)."""
+    cfg = load_config([f"experiment={experiment}"])
+    model, task = experiment.split("_", 1)
+    assert cfg.model.family == model and cfg.model.path and cfg.model.trust_remote_code
+    assert cfg.model.dtype == "bfloat16"
+    assert cfg.task.name == task and cfg.task.prompt_style == "instruct"
+    rl = cfg.rl
+    assert isinstance(rl, DiffuGRPOConfig)
+    for k, v in D1.items():
+        assert getattr(rl, k) == v, (experiment, k)
+    assert rl.lora.enabled and (rl.lora.r, rl.lora.alpha) == (128, 64)
+    assert rl.estimator == "mean_field" and rl.estimator_options == {"p_mask_prompt": 0.15}
+    assert rl.num_iterations == (12 if task in ("gsm8k", "math500") else 8)
+    ro = rl.rollout
+    assert (ro.gen_length, ro.block_length, ro.steps) == (256, 32, 128)
+    assert (cfg.rollout.gen_length, cfg.rollout.block_length, cfg.rollout.steps) == (256, 32, 128)
+    assert rl.rewards == cfg.task.rewards
+    # the trainer config round-trips as a plain dataclass (what the trainer receives)
+    assert dataclasses.replace(rl, run_dir="x").lora.r == 128
