@@ -21,8 +21,8 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 RECIPES = ("sft", "grpo", "dpo", "unmask_order", "sft_then_grpo", "eval")
 MODEL_FAMILIES = ("tiny", "llada", "dream", "auto")
-# what rollout.tiny.build_tiny_model(**overrides) may change (EuroBertConfig fields)
-TINY_MODEL_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+# what rollout.tiny.build_tiny_model(**overrides) may change (arch + model config fields)
+TINY_MODEL_KEYS = ("arch", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "intermediate_size", "max_position_embeddings", "rope_theta", "hidden_act")
 TASKS = ("sudoku4", "countdown", "gsm8k", "math500", "humaneval", "local")
 

@@ -106,6 +106,7 @@ class PolicyAdapter(nn.Module):
         self.pad_token_id = _first_not_none(pad_token_id, getattr(tok, "pad_token_id", None),
                                             getattr(config, "pad_token_id", None), self.eos_token_id)
         known = known_model(config)
+        self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
         takes_cache = _forward_takes_cache(model)
         # Block KV caching needs unshifted logits (it queries only the current block) and a forward
         # that appends to a transformers Cache with explicit position_ids; verified: KNOWN_MODELS[*].kv_cache.
@@ -146,6 +147,9 @@ class PolicyAdapter(nn.Module):
         recomputed in the backward pass, so no ``[B, n, V]`` tensor ever exists."""
         if output_hidden_states:
             kw["output_hidden_states"] = True
+        if attention_mask is not None and "position_ids" not in kw and self._takes_position_ids:
+            # positions count real tokens only: left padding shifts nothing (absolute embeddings)
+            kw["position_ids"] = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         raw_keep = logits_to_keep + 1 if (logits_to_keep and self.logits_shifted) else logits_to_keep
         split = _split_head(self.model) if raw_keep and not output_hidden_states else None
         if score_targets is not None:
@@ -215,7 +219,7 @@ def _unshift(t: torch.Tensor) -> torch.Tensor:
 
 
 # Masked-LM classes whose logits are exactly ``lm_head(trunk(x).last_hidden_state)``.
-_HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head")}
+_HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head"), "BertForMaskedLM": ("bert", "cls")}
 
 
 def _split_head(model: nn.Module):

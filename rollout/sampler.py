@@ -108,6 +108,8 @@ class _Denoiser:
         self.full_mask = full_mask if cfg_scale == 0 or full_mask is None else torch.cat([full_mask, full_mask])
         self.passes = 2 if cfg_scale > 0 else 1
         self.cache: BlockKVCache | None = None
+        # positions count real tokens (left padding shifts nothing), the same in full and window passes
+        self.positions = None if self.full_mask is None else (self.full_mask.long().cumsum(-1) - 1).clamp(min=0)
 
     def __call__(self, x: torch.Tensor, s0: int, e0: int, scope_end: int, block_first_step: bool):
         """Logits ``[B, scope_end - s0, V]`` for positions ``[s0, scope_end)`` and last-layer
@@ -123,11 +125,13 @@ class _Denoiser:
             out = self.model(x, attention_mask=self.full_mask, **kw)
         elif block_first_step:
             self.cache = BlockKVCache()
-            out = self.model(x, attention_mask=self.full_mask, past_key_values=self.cache, **kw)
+            pos = self.positions if self.positions is not None else torch.arange(N, device=x.device)[None]
+            out = self.model(x, attention_mask=self.full_mask, position_ids=pos, past_key_values=self.cache, **kw)
         else:
             q0, q1 = s0, (N if self.kv_cache == "prefix" else e0)
             self.cache.set_window(q0)
-            pos = torch.arange(q0, q1, device=x.device)[None]
+            pos = (self.positions[:, q0:q1] if self.positions is not None
+                   else torch.arange(q0, q1, device=x.device)[None])
             out = self.model(x[:, q0:q1], attention_mask=window_mask(self.full_mask, q0, q1, self.dtype),
                              position_ids=pos, past_key_values=self.cache, **kw)
         logits = out.logits[:, s0 - q0:scope_end - q0]
