@@ -90,3 +90,44 @@ class DiffuGRPOConfig(TrainerConfig):
     reward_timeout_s: float = 10.0
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
     sample_table_every: int = 10
+
+
+@dataclass
+class DPOConfig(TrainerConfig):
+    """Diffusion DPO / VRPO. ``n_samples`` is VRPO's budget n (passes per ELBO; for the
+    ``coupled`` estimator, n complementary pairs = 2n passes)."""
+
+    lr: float = 1e-6  # TRL DPOConfig's default
+    beta: float = 0.1
+    estimator: str = "mc_elbo"
+    estimator_options: dict = field(default_factory=dict)  # e.g. {"eps": 1e-3, "max_batch": 64}
+    n_samples: int = 8
+    antithetic: bool = True
+    optimal_allocation: bool = True
+    max_completion_length: int = 512  # responses longer than this (in tokens, EOS included) are cut
+    rpo_alpha: float = 0.0  # > 0: add alpha * per-token NLL of the chosen response (RPO; TRL's rpo_alpha)
+
+
+def _sudoku_rollout() -> RolloutOptions:
+    # 16 digits + EOS in one block, 6 steps: ~3 commits per step, so the order matters.
+    return RolloutOptions(gen_length=17, block_length=17, steps=6, temperature=0.0)
+
+
+@dataclass
+class UnmaskOrderConfig(TrainerConfig):
+    """Unmasking-order learner (DCoLT-style UPM) on outcome rewards; defaults: the Sudoku default."""
+
+    lr: float = 3e-3
+    per_device_batch_size: int = 8  # prompts per step
+    num_generations: int = 8  # G rollouts per prompt
+    num_iterations: int = 2  # mu updates per batch against the old (rollout) policy
+    epsilon: float = 0.2  # clip range of the per-step ratio
+    scale_rewards: bool = False  # divide advantages by the group std
+    train_dllm: bool = False  # co-train the dLLM (DCoLT): add committed tokens' log-probs
+    cache_features: bool = True  # frozen dLLM: reuse the rollout's hidden states (no dLLM pass)
+    d_model: int = 128
+    n_heads: int = 4
+    ff_dim: int = 256
+    rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
+    reward_timeout_s: float = 10.0
+    rollout: RolloutOptions = field(default_factory=_sudoku_rollout)

@@ -22,35 +22,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from rl.config import TrainerConfig
+from rl.config import DPOConfig  # noqa: F401  (re-exported: the config lives with the others)
 from rl.data import check_columns, encode_prompt, left_pad
 from rl.estimators import Estimator, MaskSample, MCElbo, MCElboLL, get_estimator
 from rl.masking import bernoulli_mask, exact_count_mask, sample_t, uniform
 from rl.trainer import Trainer
 
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
-
-
-@dataclass
-class DPOConfig(TrainerConfig):
-    """Diffusion DPO / VRPO. ``n_samples`` is VRPO's budget n (passes per ELBO; for the
-    ``coupled`` estimator, n complementary pairs = 2n passes)."""
-
-    lr: float = 1e-6  # TRL DPOConfig's default
-    beta: float = 0.1
-    estimator: str = "mc_elbo"
-    estimator_options: dict = field(default_factory=dict)  # e.g. {"eps": 1e-3, "max_batch": 64}
-    n_samples: int = 8
-    antithetic: bool = True
-    optimal_allocation: bool = True
-    max_completion_length: int = 512  # responses longer than this (in tokens, EOS included) are cut
-    rpo_alpha: float = 0.0  # > 0: add alpha * per-token NLL of the chosen response (RPO; TRL's rpo_alpha)
 
 
 # ---- pure functions ---------------------------------------------------------------------------

@@ -33,13 +33,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 from torch import nn
 
-from rl.config import RolloutOptions, TrainerConfig
+from rl.config import RolloutOptions, UnmaskOrderConfig  # noqa: F401  (re-exported)
 from rl.plackett_luce import plackett_luce_logprob, sample_plackett_luce
 from rl.trainer import Trainer
 
@@ -292,32 +292,6 @@ def rebuild_states(sequences: torch.Tensor, unmask_step: torch.Tensor, states: S
 # ------------------------------------------------------------------------------------------------
 # The trainer
 # ------------------------------------------------------------------------------------------------
-
-
-def _sudoku_rollout() -> RolloutOptions:
-    # 16 digits + EOS in one block, 6 steps: ~3 commits per step, so the order matters.
-    return RolloutOptions(gen_length=17, block_length=17, steps=6, temperature=0.0)
-
-
-@dataclass
-class UnmaskOrderConfig(TrainerConfig):
-    """Unmasking-order learner (DCoLT-style UPM) on outcome rewards; defaults: the Sudoku default."""
-
-    lr: float = 3e-3
-    per_device_batch_size: int = 8  # prompts per step
-    num_generations: int = 8  # G rollouts per prompt
-    num_iterations: int = 2  # mu updates per batch against the old (rollout) policy
-    epsilon: float = 0.2  # clip range of the per-step ratio
-    scale_rewards: bool = False  # divide advantages by the group std
-    train_dllm: bool = False  # co-train the dLLM (DCoLT): add committed tokens' log-probs
-    cache_features: bool = True  # frozen dLLM: reuse the rollout's hidden states (no dLLM pass)
-    d_model: int = 128
-    n_heads: int = 4
-    ff_dim: int = 256
-    rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
-    reward_timeout_s: float = 10.0
-    rollout: RolloutOptions = field(default_factory=_sudoku_rollout)
-    export_hf: bool = False
 
 
 def _check_rollout(ro: RolloutOptions) -> None:
