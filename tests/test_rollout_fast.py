@@ -9,14 +9,6 @@ from rollout.kv_cache import BlockKVCache, window_mask
 from test_rollout_sampler import MASK, EOS, EosFrom, ShiftedModel, left_pad, random_prompts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def policy():
     return build_tiny_policy(seed=1, initializer_range=0.3).eval()

@@ -13,15 +13,6 @@ from rollout import PolicyAdapter, generate
 MASK, EOS, PAD = 1, 2, 0
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tiny model is latency-bound: one intra-op thread is faster and immune to CPU contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sharp_model(tiny_tokenizer):
     """Random weights with a larger init scale: peaked, varied predictions (a stricter exactness check

@@ -15,6 +15,14 @@ TESTS = ["assert f(2) == 4", "assert abs(f(3) - 6) < 1e-9"]
 GOOD = "def f(x):\n    return 2 * x\n"
 
 
+def _unavailable(mode: str, error: Exception) -> None:
+    """Skip on a developer machine without that sandbox; in CI (which installs bubblewrap and
+    runs as root) a missing sandbox is a failure, so the strong path is always exercised."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{mode} sandbox must be available in CI: {error}")
+    pytest.skip(f"{mode} sandbox not available here: {error}")
+
+
 def _block(code: str) -> str:
     return f"Here is my solution.\n```python\n{code}\n```\n"
 
@@ -90,7 +98,7 @@ def test_adversarial_batch(mode, tmp_path, monkeypatch, caplog):
     try:
         reward = CodeReward(mode=mode, timeout_s=3.0, pool_size=4)
     except SandboxUnavailable as e:
-        pytest.skip(f"{mode} sandbox not available here: {e}")
+        _unavailable(mode, e)
     monkeypatch.setenv("DLLM_SECRET_TOKEN", "hunter2")
     marker = uuid.uuid4().hex
     listener = socket.socket()
@@ -122,7 +130,7 @@ def test_stdio_mode(mode):
     try:
         reward = CodeReward(mode=mode, timeout_s=3.0, pool_size=2)
     except SandboxUnavailable as e:
-        pytest.skip(f"{mode} sandbox not available here: {e}")
+        _unavailable(mode, e)
     progs = {
         "echo_double": ("import sys\nfor line in sys.stdin:\n    print(int(line) * 2)\n", 1.0),
         "half_right": ("n = int(input())\nprint(4 if n == 2 else 0)\n", 0.5),
