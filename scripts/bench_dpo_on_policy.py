@@ -64,10 +64,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    from recipes.schema import TaskConfig
+    from recipes.config import load_config
     from rl.tasks import build_task
 
-    task = build_task(TaskConfig(name="sudoku4", prompt_style="minimal"))
+    task = build_task(load_config().task)  # the default recipe's sudoku4 splits
     prompts, val, test = task.rows("rl")[:args.pair_prompts], task.rows("val"), task.rows("test")
     policy = PolicyAdapter.from_pretrained(args.sft_model)
     t0 = time.perf_counter()

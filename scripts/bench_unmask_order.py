@@ -46,11 +46,11 @@ from rollout import PolicyAdapter, build_tiny_policy, generate  # noqa: E402
 
 
 def task_splits():
-    """The recipe's sudoku4 splits (rl.tasks, the defaults of recipes.schema.TaskConfig)."""
-    from recipes.schema import TaskConfig
+    """The default recipe's sudoku4 splits (its composed config: configs/task/sudoku4.yaml)."""
+    from recipes.config import load_config
     from rl.tasks import build_task
 
-    task = build_task(TaskConfig(name="sudoku4", prompt_style="minimal"))
+    task = build_task(load_config().task)
     return tuple(task.rows(s) for s in ("sft", "rl", "val", "test"))
 
 

@@ -29,7 +29,7 @@ def test_default_composition_is_the_sudoku_sft_then_grpo_recipe():
     assert cfg.sft.wandb_mode == cfg.rl.wandb_mode == "offline"
     # RL samples at temperature 1 with the task's reward; evaluation is greedy with the same lengths
     assert cfg.rl.rewards == cfg.task.rewards
-    assert cfg.rl.rollout.temperature == 1.0 and cfg.rollout.temperature == 0.0
+    assert cfg.rl.rollout.temperature == 1.5 and cfg.rollout.temperature == 0.0
     assert cfg.rl.rollout.gen_length == cfg.rollout.gen_length
     assert cfg.task.num_test == 256
 
