@@ -27,7 +27,7 @@ def test_default_composition_is_the_sudoku_sft_then_grpo_recipe():
     # run-level keys flow into both trainers
     assert cfg.sft.seed == cfg.rl.seed == 0
     assert cfg.sft.wandb_mode == cfg.rl.wandb_mode == "offline"
-    # RL samples at temperature 1 with the task's reward; evaluation is greedy with the same lengths
+    # RL samples at temperature 1.5 with the task's reward; evaluation is greedy with the same lengths
     assert cfg.rl.rewards == cfg.task.rewards
     assert cfg.rl.rollout.temperature == 1.5 and cfg.rollout.temperature == 0.0
     assert cfg.rl.rollout.gen_length == cfg.rollout.gen_length
