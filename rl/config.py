@@ -109,16 +109,17 @@ class DPOConfig(TrainerConfig):
 
 
 def _sudoku_rollout() -> RolloutOptions:
-    # 16 digits + EOS in one block, 6 steps: ~3 commits per step, so the order matters.
-    return RolloutOptions(gen_length=17, block_length=17, steps=6, temperature=0.0)
+    # 16 digits + EOS in one block, 9 steps: 2 commits per step, so the order matters
+    # (scripts/bench_unmask_order.py's setting).
+    return RolloutOptions(gen_length=17, block_length=17, steps=9, temperature=0.0)
 
 
 @dataclass
 class UnmaskOrderConfig(TrainerConfig):
     """Unmasking-order learner (DCoLT-style UPM) on outcome rewards; defaults: the Sudoku default."""
 
-    lr: float = 3e-3
-    per_device_batch_size: int = 8  # prompts per step
+    lr: float = 5e-3
+    per_device_batch_size: int = 16  # prompts per step
     num_generations: int = 8  # G rollouts per prompt
     num_iterations: int = 2  # mu updates per batch against the old (rollout) policy
     epsilon: float = 0.2  # clip range of the per-step ratio
@@ -128,6 +129,8 @@ class UnmaskOrderConfig(TrainerConfig):
     d_model: int = 128
     n_heads: int = 4
     ff_dim: int = 256
+    conf_scale: float = 50.0  # head: multiplier of the confidence gate (its effective lr)
+    residual_bound: float = 1.0  # head: the block's score lies in (-bound, bound); 0 = unbounded
     rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
     reward_timeout_s: float = 10.0
     rollout: RolloutOptions = field(default_factory=_sudoku_rollout)

@@ -69,17 +69,22 @@ class UnmaskPolicyHead(nn.Module):
     """Scores ``[M, blk]`` from ``hidden [M, blk, H]``, ``feats [M, blk, 2]``, ``masked [M, blk]``
     and the step fraction ``frac [M]`` (adaLN: DiT, Peebles & Xie 2023).
 
-    Besides the block's output, the score has a gated skip path ``conf_scale * g * log p_max``
-    (g a learned scalar): one parameter away from low-confidence remasking, so RL can find that
-    known-good order fast and spend the block on improving it. The output layer and g start at
-    zero, so every score starts at exactly 0 and the initial Plackett-Luce policy is uniform."""
+    score = r * tanh(block(x) / r) + conf_scale * g * log p_max
 
-    conf_scale = 10.0  # g's effective learning rate is conf_scale x lr
+    The gated skip path (g a learned scalar) is one parameter away from low-confidence remasking,
+    so RL can find that known-good order fast; ``conf_scale`` multiplies g's effective learning
+    rate. The block's output is bounded to (-r, r) (``residual_bound``; 0 = unbounded): as g grows,
+    the block can reorder positions whose confidences are close but cannot override a clear
+    confidence gap. On the Sudoku benchmark (docs/benchmarks.md) the unbounded head ended below
+    low-confidence on all three seeds; the bounded one comes closer but not on every seed. The output layer and g
+    start at zero, so every score starts at exactly 0 and the initial Plackett-Luce policy is uniform."""
 
     def __init__(self, in_dim: int, *, d_model: int = 128, n_heads: int = 4, ff_dim: int = 256,
-                 feat_dim: int = 2, freq_dim: int = 64):
+                 feat_dim: int = 2, freq_dim: int = 64, conf_scale: float = 50.0, residual_bound: float = 1.0):
         super().__init__()
-        self.freq_dim = freq_dim
+        if residual_bound < 0:
+            raise ValueError(f"UnmaskPolicyHead: residual_bound={residual_bound} must be >= 0 (0 = unbounded)")
+        self.freq_dim, self.conf_scale, self.residual_bound = freq_dim, conf_scale, residual_bound
         self.proj = nn.Linear(in_dim + feat_dim, d_model)
         self.mask_emb = nn.Embedding(2, d_model)
         self.pos_proj = nn.Linear(freq_dim, d_model)  # position inside the current block, as a fraction
@@ -103,20 +108,26 @@ class UnmaskPolicyHead(nn.Module):
         shift1, scale1, shift2, scale2 = self.time_mlp(sinusoidal(frac, self.freq_dim))[:, None].chunk(4, dim=-1)
         x = self.block(self.norm_in(x) * (1 + scale1) + shift1)
         x = self.norm_out(x) * (1 + scale2) + shift2
-        return self.out(x).squeeze(-1) + self.conf_scale * self.conf_gate * 10.0 * feats[..., 1].float()
+        r = self.out(x).squeeze(-1)
+        if self.residual_bound > 0:
+            r = self.residual_bound * torch.tanh(r / self.residual_bound)
+        return r + self.conf_scale * self.conf_gate * 10.0 * feats[..., 1].float()  # feats[..., 1] = log p_max / 10
 
 
 class OrderPolicy(nn.Module):
     """The dLLM (a ``rollout.PolicyAdapter``) and its unmasking head, trained as one module.
 
-    ``train_dllm=False`` (default) freezes the dLLM: only the head is optimised."""
+    ``train_dllm=False`` (default) freezes the dLLM: only the head is optimised. The head's weights
+    are drawn from ``seed`` under a forked RNG (the global RNG is left as it was)."""
 
     def __init__(self, dllm: nn.Module, *, train_dllm: bool = False, d_model: int = 128, n_heads: int = 4,
-                 ff_dim: int = 256):
+                 ff_dim: int = 256, conf_scale: float = 50.0, residual_bound: float = 1.0, seed: int = 0):
         super().__init__()
         self.dllm = dllm
-        self.head = UnmaskPolicyHead(int(dllm.model.config.hidden_size), d_model=d_model, n_heads=n_heads,
-                                     ff_dim=ff_dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.head = UnmaskPolicyHead(int(dllm.model.config.hidden_size), d_model=d_model, n_heads=n_heads,
+                                         ff_dim=ff_dim, conf_scale=conf_scale, residual_bound=residual_bound)
         self.train_dllm = train_dllm
         dllm.requires_grad_(train_dllm)
 
@@ -153,7 +164,8 @@ class OrderPolicy(nn.Module):
     def head_options(self) -> dict:
         blk = self.head.block
         return {"d_model": self.head.proj.out_features, "n_heads": blk.self_attn.num_heads,
-                "ff_dim": blk.linear1.out_features}
+                "ff_dim": blk.linear1.out_features, "conf_scale": self.head.conf_scale,
+                "residual_bound": self.head.residual_bound}
 
 
 def load_order_policy(path, *, train_dllm: bool = False) -> OrderPolicy:
@@ -330,7 +342,8 @@ class UnmaskOrderTrainer(Trainer):
                              "(train the head alone, or co-train the full dLLM with train_dllm=True)")
         if not isinstance(policy, OrderPolicy):
             policy = OrderPolicy(policy, train_dllm=config.train_dllm, d_model=config.d_model,
-                                 n_heads=config.n_heads, ff_dim=config.ff_dim)
+                                 n_heads=config.n_heads, ff_dim=config.ff_dim, conf_scale=config.conf_scale,
+                                 residual_bound=config.residual_bound, seed=config.seed)
         elif policy.train_dllm != config.train_dllm:
             raise ValueError(f"UnmaskOrderConfig.train_dllm={config.train_dllm} but the OrderPolicy was built with "
                              f"train_dllm={policy.train_dllm}")

@@ -47,6 +47,47 @@ def test_head_starts_uniform_and_dllm_frozen(policy):
     assert all(p.requires_grad for p in policy.head.parameters())
 
 
+def test_head_block_score_is_bounded_and_the_gate_ranks_by_confidence():
+    from rl.unmask_order import UnmaskPolicyHead
+
+    torch.manual_seed(0)
+    hidden, logp = torch.randn(4, 6, 16), -3 * torch.rand(4, 6)
+    feats, masked, frac = torch.stack([logp.exp(), logp / 10], -1), torch.ones(4, 6, dtype=torch.bool), torch.rand(4)
+
+    def head(bound):
+        h = UnmaskPolicyHead(16, d_model=32, n_heads=2, ff_dim=64, conf_scale=50.0, residual_bound=bound)
+        with torch.no_grad():  # a large trained-looking block output
+            h.out.weight.normal_(0, 1.0)
+            h.out.bias.fill_(1.0)
+        return h
+
+    bounded, unbounded = head(1.0), head(0.0)
+    unbounded.load_state_dict(bounded.state_dict())
+    s = bounded(hidden, feats, masked, frac)
+    raw = unbounded(hidden, feats, masked, frac)  # residual_bound=0: the block's raw output
+    assert raw.abs().max() > 3.0
+    torch.testing.assert_close(s, torch.tanh(raw))  # gate 0: the block alone, squashed into (-1, 1)
+    with torch.no_grad():
+        bounded.conf_gate.fill_(0.1)  # score = block + 5 log p_max
+    s = bounded(hidden, feats, masked, frac)
+    gap = 5 * (logp[:, :, None] - logp[:, None, :])  # [row, i, j]
+    clear = gap > 2.0  # more than twice the bound: the block cannot reorder i and j
+    assert clear.any() and bool(((s[:, :, None] > s[:, None, :]) | ~clear).all())
+    with pytest.raises(ValueError, match="residual_bound"):
+        UnmaskPolicyHead(16, residual_bound=-1.0)
+
+
+def test_head_init_is_seeded_and_leaves_the_global_rng_alone():
+    from rollout import build_tiny_policy
+
+    dllm = build_tiny_policy(seed=0)
+    state = torch.random.get_rng_state()
+    a, b, c = (OrderPolicy(dllm, seed=s).head.state_dict() for s in (3, 3, 4))
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["proj.weight"], c["proj.weight"])
+
+
 def test_trajectory_states_candidates_chosen_and_forced_step():
     # one row, L = 8, blocks of 4, 2 steps per block (steps 0,1 -> block 0; 2,3 -> block 1)
     unmask_step = torch.tensor([[1, 0, 0, 1, 3, 2, 3, 3]])
@@ -142,6 +183,7 @@ def test_training_learns_a_rewarded_order_and_exports(tmp_path):
     # the export loads back with the trained head
     loaded = load_order_policy(tmp_path / "run" / "final")
     trained = trainer.engine.module
+    assert loaded.head_options() == trained.head_options()  # sizes, conf_scale, residual_bound
     for a, b in zip(loaded.head.state_dict().values(), trained.head.state_dict().values()):
         torch.testing.assert_close(a, b)
     assert not torch.equal(trained.head.out.weight, torch.zeros_like(trained.head.out.weight))
