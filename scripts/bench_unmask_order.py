@@ -163,6 +163,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-3)
     ap.add_argument("--conf-scale", type=float, default=50.0, help="head: confidence-gate multiplier")
     ap.add_argument("--residual-bound", type=float, default=1.0, help="head: bound of the block's score (0 = unbounded)")
+    ap.add_argument("--baselines-only", action="store_true", help="print the fixed orders' accuracies and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
     args = ap.parse_args()
@@ -181,9 +182,13 @@ def main() -> None:
     rand = {s: evaluate(dllms[s], test_rows, ro, order="random", seed=s) for s in args.seeds}
     full = {s: evaluate(dllms[s], test_rows, dataclasses.replace(ro, steps=17), order="low_confidence")
             for s in args.seeds}
+    other = {(s, o): evaluate(dllms[s], test_rows, ro, order=o)[0] for s in args.seeds for o in ("margin", "entropy")}
     print("baselines (test exact): " + "; ".join(
         f"seed {s}: low-confidence {100 * low_conf[s][0]:.1f}%, random {100 * rand[s][0]:.1f}%, "
+        f"margin {100 * other[s, 'margin']:.1f}%, entropy {100 * other[s, 'entropy']:.1f}%, "
         f"low-confidence at 17 steps {100 * full[s][0]:.1f}%" for s in args.seeds), flush=True)
+    if args.baselines_only:
+        return
     final, picked = {}, {}  # test (exact, cell) of the final head / of the best-validation head
     for s in args.seeds:
         head, best, secs = train_order(dllms[s], rl_rows, val_rows, ro, seed=s, steps=args.rl_steps,
