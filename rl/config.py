@@ -118,7 +118,7 @@ def _sudoku_rollout() -> RolloutOptions:
 class UnmaskOrderConfig(TrainerConfig):
     """Unmasking-order learner (DCoLT-style UPM) on outcome rewards; defaults: the Sudoku default."""
 
-    lr: float = 5e-3
+    lr: float = 5e-4  # the block's; the gate moves conf_scale x faster
     per_device_batch_size: int = 16  # prompts per step
     num_generations: int = 8  # G rollouts per prompt
     num_iterations: int = 2  # mu updates per batch against the old (rollout) policy
@@ -129,8 +129,9 @@ class UnmaskOrderConfig(TrainerConfig):
     d_model: int = 128
     n_heads: int = 4
     ff_dim: int = 256
-    conf_scale: float = 50.0  # head: multiplier of the confidence gate (its effective lr)
+    conf_scale: float = 500.0  # head: multiplier of the confidence gate (its effective lr)
     residual_bound: float = 1.0  # head: the block's score lies in (-bound, bound); 0 = unbounded
+    block_kl: float = 1.0  # coefficient of KL(pi || confidence-gate-only pi): pulls the block term to 0
     rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
     reward_timeout_s: float = 10.0
     rollout: RolloutOptions = field(default_factory=_sudoku_rollout)

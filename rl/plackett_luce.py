@@ -51,18 +51,21 @@ def sample_plackett_luce(scores: torch.Tensor, candidates: torch.Tensor, k: torc
     return torch.where(chosen, pos_rank, torch.full_like(pos_rank, -1))
 
 
-def plackett_luce_logprob(scores: torch.Tensor, candidates: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+def plackett_luce_logprob(scores: torch.Tensor, candidates: torch.Tensor, rank: torch.Tensor, *,
+                          validate: bool = True) -> torch.Tensor:
     """``sum_j [h_{s_j} - logsumexp over the not-yet-drawn candidates]`` over the last dim.
 
     Vectorised without a loop over j: sort the positions as (drawn ones by rank, then the
     undrawn candidates, then non-candidates); the j-th denominator is the reverse
-    log-cumsum-exp of the sorted candidate scores. Differentiable in ``scores`` (float32)."""
+    log-cumsum-exp of the sorted candidate scores. Differentiable in ``scores`` (float32).
+    ``validate=False`` skips the drawn-are-candidates check (a host sync), for ``rank`` fresh
+    from :func:`sample_plackett_luce` inside the denoising loop."""
     _check(scores, candidates)
     if rank.shape != scores.shape:
         raise ValueError(f"plackett_luce_logprob: rank {tuple(rank.shape)} must match scores {tuple(scores.shape)}")
     cand = candidates.bool()
     drawn = rank >= 0
-    if bool((drawn & ~cand).any()):
+    if validate and bool((drawn & ~cand).any()):
         raise ValueError("plackett_luce_logprob: a drawn position (rank >= 0) is not a candidate")
     n = scores.shape[-1]
     sort_key = torch.where(drawn, rank, torch.full_like(rank, n)).masked_fill(~cand, n + 1)

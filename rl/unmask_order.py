@@ -15,7 +15,8 @@ Trajectory log-prob (the last step of a block is forced and has no policy term):
              (+ sum_s sum_{i committed at s} log p_theta(x_0^i | x_s)   when co-training the dLLM)
 
 Training (GRPO-style): G rollouts per prompt, group-relative advantages from outcome rewards, a
-clipped ratio against the old policy for every denoising step. The rollout records what training
+clipped ratio against the old policy for every denoising step, plus ``block_kl`` x KL(pi || pi_conf),
+the policy's distance from its confidence-only part (:func:`block_kl`). The rollout records what training
 needs, so the sampler is never re-run: ``unmask_step`` gives every step's candidate and chosen
 sets; the hook records the draw order inside each step.
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from rl.config import RolloutOptions, UnmaskOrderConfig  # noqa: F401  (re-exported)
+from rl.grpo import clipped_surrogate, group_advantages, k3_kl
 from rl.plackett_luce import plackett_luce_logprob, sample_plackett_luce
 from rl.trainer import Trainer
 
@@ -73,14 +75,16 @@ class UnmaskPolicyHead(nn.Module):
 
     The gated skip path (g a learned scalar) is one parameter away from low-confidence remasking,
     so RL can find that known-good order fast; ``conf_scale`` multiplies g's effective learning
-    rate. The block's output is bounded to (-r, r) (``residual_bound``; 0 = unbounded): as g grows,
-    the block can reorder positions whose confidences are close but cannot override a clear
-    confidence gap. On the Sudoku benchmark (docs/benchmarks.md) the unbounded head ended below
-    low-confidence on all three seeds; the bounded one comes closer but not on every seed. The output layer and g
-    start at zero, so every score starts at exactly 0 and the initial Plackett-Luce policy is uniform."""
+    rate (the trainer's lr is the block's). The block's output is bounded to (-r, r)
+    (``residual_bound``; 0 = unbounded): as g grows, the block can reorder positions whose
+    confidences are close but cannot override a clear confidence gap. The trainer's ``block_kl``
+    penalty (:func:`block_kl`) keeps it near zero unless rewards pay for moving it. On the Sudoku
+    benchmark (docs/benchmarks.md) an unpenalised block drifted under noisy policy gradients and
+    cost up to 8 points against low-confidence on one seed. The output layer and g start at
+    zero, so every score starts at exactly 0 and the initial Plackett-Luce policy is uniform."""
 
     def __init__(self, in_dim: int, *, d_model: int = 128, n_heads: int = 4, ff_dim: int = 256,
-                 feat_dim: int = 2, freq_dim: int = 64, conf_scale: float = 50.0, residual_bound: float = 1.0):
+                 feat_dim: int = 2, freq_dim: int = 64, conf_scale: float = 500.0, residual_bound: float = 1.0):
         super().__init__()
         if residual_bound < 0:
             raise ValueError(f"UnmaskPolicyHead: residual_bound={residual_bound} must be >= 0 (0 = unbounded)")
@@ -101,6 +105,12 @@ class UnmaskPolicyHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor, feats: torch.Tensor, masked: torch.Tensor,
                 frac: torch.Tensor) -> torch.Tensor:
+        block, conf = self.terms(hidden, feats, masked, frac)
+        return block + conf
+
+    def terms(self, hidden: torch.Tensor, feats: torch.Tensor, masked: torch.Tensor,
+              frac: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The score's two terms ``[M, blk]``: the bounded block term and ``conf_scale * g * log p_max``."""
         blk = masked.shape[-1]
         pos = torch.arange(blk, device=masked.device, dtype=torch.float32) / blk
         x = self.proj(torch.cat([hidden.float(), feats.float()], dim=-1))
@@ -111,7 +121,7 @@ class UnmaskPolicyHead(nn.Module):
         r = self.out(x).squeeze(-1)
         if self.residual_bound > 0:
             r = self.residual_bound * torch.tanh(r / self.residual_bound)
-        return r + self.conf_scale * self.conf_gate * 10.0 * feats[..., 1].float()  # feats[..., 1] = log p_max / 10
+        return r, self.conf_scale * self.conf_gate * 10.0 * feats[..., 1].float()  # feats[..., 1] = log p_max / 10
 
 
 class OrderPolicy(nn.Module):
@@ -121,7 +131,7 @@ class OrderPolicy(nn.Module):
     are drawn from ``seed`` under a forked RNG (the global RNG is left as it was)."""
 
     def __init__(self, dllm: nn.Module, *, train_dllm: bool = False, d_model: int = 128, n_heads: int = 4,
-                 ff_dim: int = 256, conf_scale: float = 50.0, residual_bound: float = 1.0, seed: int = 0):
+                 ff_dim: int = 256, conf_scale: float = 500.0, residual_bound: float = 1.0, seed: int = 0):
         super().__init__()
         self.dllm = dllm
         with torch.random.fork_rng(devices=[]):
@@ -146,10 +156,11 @@ class OrderPolicy(nn.Module):
     def forward(self, masked: torch.Tensor, frac: torch.Tensor, *, hidden: torch.Tensor | None = None,
                 feats: torch.Tensor | None = None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, window: torch.Tensor | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Head scores ``[M, blk]`` from cached ``hidden``/``feats``, or from one dLLM forward on
-        ``input_ids [M, T]`` gathered at ``window [M, blk]`` (sequence positions of each state's
-        block); in that case the window logits ``[M, blk, V]`` are returned too."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The head's score terms (block, confidence; scores = their sum, each ``[M, blk]``) from
+        cached ``hidden``/``feats``, or from one dLLM forward on ``input_ids [M, T]`` gathered at
+        ``window [M, blk]`` (sequence positions of each state's block); in that case the window
+        logits ``[M, blk, V]`` are returned as the third element (else ``None``)."""
         logits = None
         if input_ids is not None:
             out = self.dllm(input_ids, attention_mask=attention_mask, output_hidden_states=True)
@@ -159,7 +170,7 @@ class OrderPolicy(nn.Module):
             feats = confidence_features(logits)
             if not self.train_dllm:
                 hidden, feats, logits = hidden.detach(), feats.detach(), logits.detach()
-        return self.head(hidden, feats, masked, frac), logits
+        return (*self.head.terms(hidden, feats, masked, frac), logits)
 
     def head_options(self) -> dict:
         blk = self.head.block
@@ -215,7 +226,8 @@ class PlackettLuceOrder:
         rank = sample_plackett_luce(scores, state.masked, state.num_transfer, generator=self.generator,
                                     greedy=self.greedy)
         forced = (rank >= 0).sum(-1) == state.masked.sum(-1)
-        self.step_logps.append(plackett_luce_logprob(scores, state.masked, rank).masked_fill(forced, 0.0))
+        logp = plackett_luce_logprob(scores, state.masked, rank, validate=False)  # no host sync in the loop
+        self.step_logps.append(logp.masked_fill(forced, 0.0))
         c0 = state.block_start - state.prompt_length
         window = self.rank_in_step[:, c0:c0 + blk]
         self.rank_in_step[:, c0:c0 + blk] = torch.where(rank >= 0, rank, window)
@@ -292,6 +304,17 @@ def trajectory_states(unmask_step: torch.Tensor, rank_in_step: torch.Tensor, *, 
                       rank=rank[row, step], has_policy_term=(chosen.sum(-1) < masked.sum(-1))[row, step])
 
 
+def block_kl(block: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, rank: torch.Tensor) -> torch.Tensor:
+    """``[M]`` k3 estimate (Schulman 2020, :func:`rl.grpo.k3_kl`) of KL(pi || pi_conf) on the drawn
+    selections ``rank``: pi scores positions by ``block + conf``, pi_conf by the confidence term
+    alone (the head without its block). The confidence term is detached, so the gradient reaches
+    the block only: as a penalty (``UnmaskOrderConfig.block_kl``) it keeps the block near zero
+    unless rewards pay for moving it, and leaves the gate to the reward signal."""
+    conf = conf.detach()
+    return k3_kl(plackett_luce_logprob(block + conf, masked, rank, validate=False),
+                 plackett_luce_logprob(conf, masked, rank, validate=False))
+
+
 def rebuild_states(sequences: torch.Tensor, unmask_step: torch.Tensor, states: StepStates, prompt_len: int,
                    mask_id: int) -> torch.Tensor:
     """``[M, T]`` input ids of every state x_s: completion positions with ``unmask_step >= s`` masked."""
@@ -337,6 +360,8 @@ class UnmaskOrderTrainer(Trainer):
 
         check_columns(train_dataset, ("prompt",), "unmasking-order train data")
         _check_rollout(config.rollout)
+        if config.block_kl < 0:
+            raise ValueError(f"UnmaskOrderConfig.block_kl={config.block_kl} must be >= 0 (0 = no penalty)")
         if config.lora.enabled:
             raise ValueError("UnmaskOrderConfig.lora.enabled: LoRA is not supported by the order learner "
                              "(train the head alone, or co-train the full dLLM with train_dllm=True)")
@@ -405,32 +430,33 @@ class UnmaskOrderTrainer(Trainer):
         columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
         return self.reward_fn(prompts, completions, **columns)
 
-    def state_logps(self, ro, hook, st: StepStates) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-state trajectory log-prob terms ``[M]`` (order + committed tokens when co-training)
-        and the order term alone, in one forward of the engine."""
+    def state_logps(self, ro, hook, st: StepStates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per-state ``[M]`` trajectory log-prob terms (order + committed tokens when co-training),
+        the order term alone, and the block-KL estimate, from one forward of the engine.
+
+        Block KL: see :func:`block_kl`."""
         if hook.cache and not self.config.train_dllm:
-            scores, _ = self.model(st.masked, st.frac, hidden=hook.hidden[st.step, st.row],
-                                   feats=hook.feats[st.step, st.row])
+            block, conf, _ = self.model(st.masked, st.frac, hidden=hook.hidden[st.step, st.row],
+                                        feats=hook.feats[st.step, st.row])
             logits = None
         else:
             p = ro.prompt_ids.shape[1]
             x = rebuild_states(ro.sequences, ro.unmask_step, st, p, self.mask_id)
             window = p + st.start[:, None] + torch.arange(st.masked.shape[1], device=x.device)[None]
-            scores, logits = self.model(st.masked, st.frac, input_ids=x, attention_mask=ro.attention_mask[st.row],
-                                        window=window)
-        order = plackett_luce_logprob(scores, st.masked, st.rank) * st.has_policy_term
+            block, conf, logits = self.model(st.masked, st.frac, input_ids=x,
+                                             attention_mask=ro.attention_mask[st.row], window=window)
+        order = plackett_luce_logprob(block + conf, st.masked, st.rank) * st.has_policy_term
+        kl = block_kl(block, conf, st.masked, st.rank) * st.has_policy_term
         if not self.config.train_dllm:
-            return order, order
+            return order, order, kl
         chosen = st.rank >= 0  # token log-probs of what was committed, at those positions only
         target = ro.sequences[st.row].gather(1, window)[chosen]
         tok = torch.log_softmax(logits[chosen].float(), -1).gather(-1, target[:, None]).squeeze(-1)
         per_state = torch.zeros_like(order).index_add(0, chosen.nonzero()[:, 0], tok)
-        return order + per_state, order
+        return order + per_state, order, kl
 
     # ---- one training step -----------------------------------------------------------------------
     def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
-        from rl.grpo import clipped_surrogate, group_advantages
-
         cfg, ro_cfg = self.config, self.config.rollout
         t0 = time.perf_counter()
         ro, hook = self.rollout(rows)
@@ -448,21 +474,22 @@ class UnmaskOrderTrainer(Trainer):
         parts = [((states.row >= sl.start) & (states.row < sl.stop)).nonzero()[:, 0] for sl in chunks]
         n_terms = max(states.row.shape[0], 1)
         old: list[torch.Tensor] = []
-        sums = {k: torch.zeros((), device=self.device) for k in ("loss", "clip", "logp")}
+        sums = {k: torch.zeros((), device=self.device) for k in ("loss", "clip", "logp", "block_kl")}
         grad_norms = []
         for it in range(cfg.num_iterations):
             for c, idx in enumerate(parts):
                 st = states.select(idx)
-                logp, order = self.state_logps(ro, hook, st)
+                logp, order, kl = self.state_logps(ro, hook, st)
                 if it == 0:  # the rollout policy: parameters are unchanged until the first step
                     old.append(logp.detach())
                 per_state, clipped = clipped_surrogate(logp, old[c], adv[st.row], cfg.epsilon)
-                loss = per_state.sum() / n_terms
+                loss = (per_state + cfg.block_kl * kl).sum() / n_terms
                 self.backward_and_step(loss * len(chunks))  # DeepSpeed divides by grad_accum
                 sums["loss"] += loss.detach()
                 sums["clip"] += clipped.float().sum().detach() / n_terms
                 if it == 0:
                     sums["logp"] += order.detach().sum() / n_terms
+                    sums["block_kl"] += kl.detach().sum() / n_terms
             grad_norms.append(self.grad_norm())
         t3 = time.perf_counter()
         mu = cfg.num_iterations
@@ -470,7 +497,8 @@ class UnmaskOrderTrainer(Trainer):
             "reward": rewards.mean(), "reward_std": group_std.mean(),
             "frac_reward_zero_std": (group_std < 1e-6).float().mean(),
             "loss": sums["loss"] / mu, "clip_ratio/region_mean": sums["clip"] / mu,
-            "order/logp_per_step": sums["logp"], "grad_norm": sum(grad_norms) / len(grad_norms),
+            "order/logp_per_step": sums["logp"], "order/block_kl": sums["block_kl"],
+            "grad_norm": sum(grad_norms) / len(grad_norms),
             "completions/mean_length": ro.completion_mask.sum(1).float().mean(),
             "timing/rollout": t1 - t0, "timing/reward": t2 - t1, "timing/update": t3 - t2,
         }

@@ -55,6 +55,21 @@ def task_splits():
     return tuple(task.rows(s) for s in ("sft", "rl", "val", "test"))
 
 
+def fresh_test_rows(n: int, taken: list[list[dict]], seed: int = 424_242) -> list[dict]:
+    """``n`` procedurally generated puzzles in no split of the recipe's task (a larger held-out
+    test set: 256 puzzles resolve differences of a few points only), prompted like the task."""
+    from recipes.config import load_config
+    from rewards.sudoku import make_sudoku_dataset
+    from rl.tasks import sudoku_prompt
+
+    seen = {r["puzzle"] for rows in taken for r in rows}
+    style = load_config().task.prompt_style
+    rows = [r for r in make_sudoku_dataset(2 * n + len(seen), seed) if r["puzzle"] not in seen][:n]
+    if len(rows) < n:
+        raise ValueError(f"--extra-test {n}: only {len(rows)} fresh puzzles found")
+    return [{**r, "prompt": sudoku_prompt(r["puzzle"], style), "response": r["solution"]} for r in rows]
+
+
 def sft(policy, rows, steps: int, run_dir: str):
     data = [{"prompt": r["prompt"], "response": r["response"]} for r in rows]
     data = data * max(1, -(-128 // len(data)))  # >= one batch of 128 (each puzzle, fresh masks)
@@ -93,7 +108,7 @@ def evaluate(dllm, rows, ro: RolloutOptions, *, order: str, head=None, seed: int
 
 def train_order(dllm, rl_rows, val_rows, ro: RolloutOptions, *, seed: int, steps: int, eval_every: int,
                 run_dir: str, prompts_per_step: int, generations: int, lr: float, conf_scale: float,
-                residual_bound: float):
+                residual_bound: float, block_kl: float):
     """Order head from uniform scores, trained ``steps`` steps; returns it (the final head) and,
     with ``eval_every``, the best validation exact-solve rate, its step and its head state."""
     policy = OrderPolicy(dllm, conf_scale=conf_scale, residual_bound=residual_bound, seed=seed)
@@ -107,7 +122,7 @@ def train_order(dllm, rl_rows, val_rows, ro: RolloutOptions, *, seed: int, steps
 
     cfg = UnmaskOrderConfig(run_dir=run_dir, seed=seed, max_steps=steps, eval_steps=eval_every, rollout=ro,
                             per_device_batch_size=prompts_per_step, num_generations=generations, lr=lr,
-                            wandb_mode="disabled", save_total_limit=1)
+                            block_kl=block_kl, wandb_mode="disabled", save_total_limit=1)
     trainer = UnmaskOrderTrainer(cfg, policy, rl_rows, eval_fn=eval_fn if eval_every else None)
     t0 = time.perf_counter()
     trainer.train()
@@ -155,14 +170,17 @@ def main() -> None:
     ap.add_argument("--rl-steps", type=int, default=60)
     ap.add_argument("--eval-every", type=int, default=5, help="> 0: keep the best head on the validation split")
     ap.add_argument("--n-test", type=int, default=0, help="first N test puzzles (0 = the whole split)")
+    ap.add_argument("--extra-test", type=int, default=0,
+                    help="add N fresh puzzles (in no split of the task) to the held-out test set")
     ap.add_argument("--n-val", type=int, default=0, help="first N validation puzzles (0 = the whole split)")
     ap.add_argument("--run-dir", default="runs/bench_unmask_order")
     ap.add_argument("--sft-dir", default=None, help="reuse this in-script SFT checkpoint if it exists, else write it there")
     ap.add_argument("--prompts-per-step", type=int, default=16)
     ap.add_argument("--generations", type=int, default=8)
-    ap.add_argument("--lr", type=float, default=5e-3)
-    ap.add_argument("--conf-scale", type=float, default=50.0, help="head: confidence-gate multiplier")
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--conf-scale", type=float, default=500.0, help="head: confidence-gate multiplier")
     ap.add_argument("--residual-bound", type=float, default=1.0, help="head: bound of the block's score (0 = unbounded)")
+    ap.add_argument("--block-kl", type=float, default=1.0, help="trainer: KL(pi || confidence-only pi) coefficient")
     ap.add_argument("--baselines-only", action="store_true", help="print the fixed orders' accuracies and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -174,6 +192,8 @@ def main() -> None:
     sft_rows, rl_rows, val_rows, test_rows = task_splits()
     val_rows = val_rows[:args.n_val] if args.n_val else val_rows
     test_rows = test_rows[:args.n_test] if args.n_test else test_rows
+    if args.extra_test:
+        test_rows = test_rows + fresh_test_rows(args.extra_test, [sft_rows, rl_rows, val_rows, test_rows])
     ro = RolloutOptions(gen_length=17, block_length=17, steps=args.steps, temperature=0.0)
     dllms = load_dllms(args, sft_rows)
 
@@ -194,7 +214,8 @@ def main() -> None:
         head, best, secs = train_order(dllms[s], rl_rows, val_rows, ro, seed=s, steps=args.rl_steps,
                                        eval_every=args.eval_every, run_dir=f"{args.run_dir}/seed{s}",
                                        prompts_per_step=args.prompts_per_step, generations=args.generations, lr=args.lr,
-                                       conf_scale=args.conf_scale, residual_bound=args.residual_bound)
+                                       conf_scale=args.conf_scale, residual_bound=args.residual_bound,
+                                       block_kl=args.block_kl)
         gate = float(head.conf_gate.detach()[0]) * head.conf_scale
         learned_out: list = []
         final[s] = evaluate(dllms[s], test_rows, ro, order="learned", head=head, outputs=learned_out)
@@ -211,7 +232,8 @@ def main() -> None:
 
     k = -(-17 // args.steps)
     src = "SFT checkpoint(s) " + ", ".join(sorted(set(args.sft_model))) if args.sft_model else "in-script SFT"
-    print(f"\nSudoku 4x4 (recipe task sudoku4), tiny dLLM from {src}; {len(test_rows)} held-out test puzzles; "
+    extra = f" (the task's test split + {args.extra_test} fresh)" if args.extra_test else ""
+    print(f"\nSudoku 4x4 (recipe task sudoku4), tiny dLLM from {src}; {len(test_rows)} held-out test puzzles{extra}; "
           f"17 tokens in {args.steps} steps (up to {k} per step), greedy tokens; seeds {args.seeds}")
     print("| order | exact solve % (mean ± std) | cell acc % | exact / low-confidence |")
     print("|---|---|---|---|")

@@ -115,12 +115,13 @@ def test_recorded_trajectories_reproduce_rollout_logprobs_cached_and_recomputed(
     st = trajectory_states(ro.unmask_step, hook.rank_in_step, steps=RO.steps, block_length=RO.block_length)
     assert len(st.row) == 4 * RO.steps
     with torch.no_grad():
-        cached, _ = policy(st.masked, st.frac, hidden=hook.hidden[st.step, st.row], feats=hook.feats[st.step, st.row])
+        cached = sum(policy(st.masked, st.frac, hidden=hook.hidden[st.step, st.row],
+                            feats=hook.feats[st.step, st.row])[:2])
         p = ro.prompt_ids.shape[1]
         x = rebuild_states(ro.sequences, ro.unmask_step, st, p, policy.mask_token_id)
         window = p + st.start[:, None] + torch.arange(RO.block_length)[None]
-        recomputed, _ = policy(st.masked, st.frac, input_ids=x, attention_mask=ro.attention_mask[st.row],
-                               window=window)
+        recomputed = sum(policy(st.masked, st.frac, input_ids=x, attention_mask=ro.attention_mask[st.row],
+                                window=window)[:2])
     want = rollout_logp[st.step, st.row]
     for scores in (cached, recomputed):
         lp = plackett_luce_logprob(scores, st.masked, st.rank) * st.has_policy_term
@@ -171,7 +172,9 @@ def toy_trainer(tmp_path, **kw):
 def test_training_learns_a_rewarded_order_and_exports(tmp_path):
     from rl.unmask_order import load_order_policy
 
-    trainer = toy_trainer(tmp_path, export_hf=True)
+    # Only the block can learn this order (confidence says nothing about it); block_kl (default 1,
+    # tuned on Sudoku where the block is mostly noise) would hold it back: see the block-KL tests.
+    trainer = toy_trainer(tmp_path, export_hf=True, block_kl=0.0)
     trainer.train()
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rewards = [r["reward"] for r in rows if "reward" in r]
@@ -202,8 +205,77 @@ def test_co_training_updates_the_dllm(tmp_path):
 def test_bad_config_is_rejected(tmp_path):
     with pytest.raises(ValueError, match="rollout.threshold"):
         toy_trainer(tmp_path, rollout=RolloutOptions(gen_length=8, block_length=4, steps=6, threshold=0.9))
+    with pytest.raises(ValueError, match="block_kl"):
+        toy_trainer(tmp_path, block_kl=-1.0)
     with pytest.raises(KeyError, match="prompt"):
         from rl.unmask_order import UnmaskOrderTrainer
         from rollout import build_tiny_policy
 
         UnmaskOrderTrainer(UnmaskOrderConfig(run_dir=str(tmp_path)), build_tiny_policy(), [{"q": 1}])
+
+
+def test_block_kl_k3_on_plackett_luce_draws_is_unbiased():
+    """The block-KL term: k3 of log pi (block + confidence) vs log pi_conf on draws from pi,
+    averaged, matches KL(pi || pi_conf) enumerated over every ordered selection (k=2 of 4)."""
+    from itertools import permutations
+
+    from rl.grpo import k3_kl
+    from rl.plackett_luce import sample_plackett_luce
+
+    conf, block = torch.tensor([0.0, -0.3, -1.0, -2.0]), torch.tensor([0.8, -0.5, 0.4, 0.0])
+    cand = torch.ones(4, dtype=torch.bool)
+
+    def logp(scores, sel):
+        rank = torch.full((4,), -1)
+        rank[list(sel)] = torch.arange(len(sel))
+        return plackett_luce_logprob(scores, cand, rank)
+
+    exact = sum(logp(block + conf, s).exp() * (logp(block + conf, s) - logp(conf, s))
+                for s in permutations(range(4), 2))
+    n = 200_000
+    rank = sample_plackett_luce((block + conf).expand(n, 4), cand.expand(n, 4), 2,
+                                generator=torch.Generator().manual_seed(0))
+    k3 = k3_kl(plackett_luce_logprob((block + conf).expand(n, 4), cand.expand(n, 4), rank),
+               plackett_luce_logprob(conf.expand(n, 4), cand.expand(n, 4), rank))
+    est, se = k3.mean(), k3.std() / n ** 0.5
+    print(f"KL(pi || pi_conf): enumerated {exact:.5f}, k3 mean over {n} draws {est:.5f} +- {se:.5f}")
+    assert (k3 >= 0).all() and exact > 0.05
+    assert abs(est - exact) < 4 * se
+
+
+def test_block_kl_gradient_reaches_the_block_only(policy):
+    from rl.unmask_order import block_kl
+
+    ids, mask = prompts(policy.tokenizer, 2)
+    hook = PlackettLuceOrder(policy.head, gen_length=RO.gen_length, generator=torch.Generator().manual_seed(0),
+                             cache=True)
+    ro = generate_with_order(policy.dllm, hook, ids, mask, RO)
+    st = trajectory_states(ro.unmask_step, hook.rank_in_step, steps=RO.steps, block_length=RO.block_length)
+    args = (st.masked, st.frac)
+    feats = dict(hidden=hook.hidden[st.step, st.row], feats=hook.feats[st.step, st.row])
+    block, conf, _ = policy(*args, **feats)
+    assert float(block_kl(block, conf, st.masked, st.rank).detach().abs().max()) == 0.0  # fresh head: block 0
+    randomize_head(policy)
+    with torch.no_grad():
+        policy.head.conf_gate.fill_(0.05)
+    block, conf, _ = policy(*args, **feats)
+    kl = block_kl(block, conf, st.masked, st.rank)
+    assert float(kl.detach().sum()) > 0
+    kl.sum().backward()
+    assert policy.head.conf_gate.grad is None or float(policy.head.conf_gate.grad.abs().max()) == 0.0
+    assert float(policy.head.out.weight.grad.abs().max()) > 0
+
+
+def test_block_kl_holds_the_block_back(tmp_path):
+    """On the toy reward only the block can earn (left-to-right order), a large block-KL
+    coefficient keeps the learned policy close to the confidence-only one."""
+    def run(beta, name):
+        trainer = toy_trainer(tmp_path / name, block_kl=beta, max_steps=8)
+        trainer.train()
+        rows = [json.loads(l) for l in (tmp_path / name / "run" / "metrics.jsonl").read_text().splitlines()]
+        return [r["order/block_kl"] for r in rows if "order/block_kl" in r]
+
+    free, held = run(0.0, "free"), run(50.0, "held")
+    print(f"block KL over the last 3 steps: block_kl=0 {sum(free[-3:]) / 3:.4f}, block_kl=50 {sum(held[-3:]) / 3:.4f}")
+    assert free[0] == held[0] == 0.0  # both start from the uniform head
+    assert sum(held[-3:]) < 0.5 * sum(free[-3:])
