@@ -131,7 +131,7 @@ class UnmaskOrderConfig(TrainerConfig):
     ff_dim: int = 256
     conf_scale: float = 500.0  # head: multiplier of the confidence gate (its effective lr)
     residual_bound: float = 1.0  # head: the block's score lies in (-bound, bound); 0 = unbounded
-    block_kl: float = 1.0  # coefficient of KL(pi || confidence-gate-only pi): pulls the block term to 0
+    block_kl: float = 0.2  # coefficient of KL(pi || confidence-gate-only pi): pulls the block term to 0
     rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
     reward_timeout_s: float = 10.0
     rollout: RolloutOptions = field(default_factory=_sudoku_rollout)

@@ -483,7 +483,9 @@ class UnmaskOrderTrainer(Trainer):
                 if it == 0:  # the rollout policy: parameters are unchanged until the first step
                     old.append(logp.detach())
                 per_state, clipped = clipped_surrogate(logp, old[c], adv[st.row], cfg.epsilon)
-                loss = (per_state + cfg.block_kl * kl).sum() / n_terms
+                loss = per_state.sum() / n_terms
+                if cfg.block_kl:  # (not 0 * kl: an unbounded block can make k3 overflow to inf)
+                    loss = loss + cfg.block_kl * kl.sum() / n_terms
                 self.backward_and_step(loss * len(chunks))  # DeepSpeed divides by grad_accum
                 sums["loss"] += loss.detach()
                 sums["clip"] += clipped.float().sum().detach() / n_terms

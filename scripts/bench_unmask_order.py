@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--conf-scale", type=float, default=500.0, help="head: confidence-gate multiplier")
     ap.add_argument("--residual-bound", type=float, default=1.0, help="head: bound of the block's score (0 = unbounded)")
-    ap.add_argument("--block-kl", type=float, default=1.0, help="trainer: KL(pi || confidence-only pi) coefficient")
+    ap.add_argument("--block-kl", type=float, default=0.2, help="trainer: KL(pi || confidence-only pi) coefficient")
     ap.add_argument("--baselines-only", action="store_true", help="print the fixed orders' accuracies and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")

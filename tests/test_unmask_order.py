@@ -172,8 +172,8 @@ def toy_trainer(tmp_path, **kw):
 def test_training_learns_a_rewarded_order_and_exports(tmp_path):
     from rl.unmask_order import load_order_policy
 
-    # Only the block can learn this order (confidence says nothing about it); block_kl (default 1,
-    # tuned on Sudoku where the block is mostly noise) would hold it back: see the block-KL tests.
+    # Only the block can learn this order (confidence says nothing about it); block_kl (default 0.2,
+    # tuned on Sudoku where the block is mostly noise) would slow it down: see the block-KL tests.
     trainer = toy_trainer(tmp_path, export_hf=True, block_kl=0.0)
     trainer.train()
     rows = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
