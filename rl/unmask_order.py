@@ -308,7 +308,7 @@ def block_kl(block: torch.Tensor, conf: torch.Tensor, masked: torch.Tensor, rank
     """``[M]`` k3 estimate (Schulman 2020, :func:`rl.grpo.k3_kl`) of KL(pi || pi_conf) on the drawn
     selections ``rank``: pi scores positions by ``block + conf``, pi_conf by the confidence term
     alone (the head without its block). The confidence term is detached, so the gradient reaches
-    the block only: as a penalty (``UnmaskOrderConfig.block_kl``) it keeps the block near zero
+    the block only (and, when co-training, the dLLM through the block's inputs): as a penalty (``UnmaskOrderConfig.block_kl``) it keeps the block near zero
     unless rewards pay for moving it, and leaves the gate to the reward signal."""
     conf = conf.detach()
     return k3_kl(plackett_luce_logprob(block + conf, masked, rank, validate=False),
