@@ -42,7 +42,7 @@ from rl.config import RolloutOptions, SFTConfig  # noqa: E402
 from rl.data import encode_prompt, left_pad  # noqa: E402
 from rl.sft import SFTTrainer  # noqa: E402
 from rl.unmask_order import (OrderPolicy, PlackettLuceOrder, UnmaskOrderConfig, UnmaskOrderTrainer,  # noqa: E402
-                             generate_with_order)
+                             generate_with_order, load_order_policy)
 from rollout import PolicyAdapter, build_tiny_policy, generate  # noqa: E402
 
 
@@ -129,6 +129,17 @@ def train_order(dllm, rl_rows, val_rows, ro: RolloutOptions, *, seed: int, steps
     return policy.head, best, time.perf_counter() - t0
 
 
+def score_head(dllm, head, rows, ro: RolloutOptions, lc_out: list) -> tuple[tuple[float, float], str]:
+    """Test (exact, cell) of a learned head and a report line, with how often its completion equals
+    low-confidence's (``lc_out``: :func:`evaluate`'s outputs for low-confidence on ``rows``)."""
+    out: list = []
+    res = evaluate(dllm, rows, ro, order="learned", head=head, outputs=out)
+    same = sum(int((a == b).all(1).sum()) for a, b in zip(out, lc_out)) / len(rows)
+    gate = float(head.conf_gate.detach()[0]) * head.conf_scale
+    return res, (f"(conf gate {gate:.2f}): test exact {100 * res[0]:.1f}% cell {100 * res[1]:.1f}%, the same "
+                 f"completion as low-confidence on {100 * same:.1f}% of test puzzles")
+
+
 def mean_std(xs: list[float]) -> str:
     return f"{100 * statistics.mean(xs):5.1f} ± {100 * (statistics.stdev(xs) if len(xs) > 1 else 0.0):4.1f}"
 
@@ -181,6 +192,8 @@ def main() -> None:
     ap.add_argument("--conf-scale", type=float, default=500.0, help="head: confidence-gate multiplier")
     ap.add_argument("--residual-bound", type=float, default=1.0, help="head: bound of the block's score (0 = unbounded)")
     ap.add_argument("--block-kl", type=float, default=0.2, help="trainer: KL(pi || confidence-only pi) coefficient")
+    ap.add_argument("--eval-heads", nargs="+", default=None, metavar="RUN_DIR",
+                    help="evaluate the final heads saved in RUN_DIR/seed{S}/final (earlier runs) instead of training")
     ap.add_argument("--baselines-only", action="store_true", help="print the fixed orders' accuracies and stop")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke run")
@@ -209,6 +222,13 @@ def main() -> None:
         f"low-confidence at 17 steps {100 * full[s][0]:.1f}%" for s in args.seeds), flush=True)
     if args.baselines_only:
         return
+    if args.eval_heads:  # saved final heads instead of training
+        for s in args.seeds:
+            for run in args.eval_heads:
+                head = load_order_policy(Path(run) / f"seed{s}" / "final").head
+                print(f"seed {s}: {run} final head {score_head(dllms[s], head, test_rows, ro, lc_out[s])[1]}",
+                      flush=True)
+        return
     final, picked = {}, {}  # test (exact, cell) of the final head / of the best-validation head
     for s in args.seeds:
         head, best, secs = train_order(dllms[s], rl_rows, val_rows, ro, seed=s, steps=args.rl_steps,
@@ -216,13 +236,8 @@ def main() -> None:
                                        prompts_per_step=args.prompts_per_step, generations=args.generations, lr=args.lr,
                                        conf_scale=args.conf_scale, residual_bound=args.residual_bound,
                                        block_kl=args.block_kl)
-        gate = float(head.conf_gate.detach()[0]) * head.conf_scale
-        learned_out: list = []
-        final[s] = evaluate(dllms[s], test_rows, ro, order="learned", head=head, outputs=learned_out)
-        same = sum(int((a == b).all(1).sum()) for a, b in zip(learned_out, lc_out[s])) / len(test_rows)
-        line = (f"seed {s}: RL {args.rl_steps} steps in {secs:.0f} s; final head (conf gate {gate:.2f}): test exact "
-                f"{100 * final[s][0]:.1f}% cell {100 * final[s][1]:.1f}%, the same completion as low-confidence "
-                f"on {100 * same:.1f}% of test puzzles")
+        final[s], text = score_head(dllms[s], head, test_rows, ro, lc_out[s])
+        line = f"seed {s}: RL {args.rl_steps} steps in {secs:.0f} s; final head {text}"
         if best["state"] is not None:
             head.load_state_dict(best["state"])
             picked[s] = evaluate(dllms[s], test_rows, ro, order="learned", head=head)
