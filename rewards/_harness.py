@@ -1,438 +1,543 @@
-"""In-sandbox test harness for `rewards.code` (runs as ``python -I _harness.py JOB_FD``).
+"""In-sandbox side of the code sandbox (``python -I -S _harness.py JOB_FD``); imports nothing from
+the package.
 
-It is started by `rewards.sandbox.Sandbox` inside bubblewrap/unshare namespaces. It reads its
-job (code, tests, limits, a per-run nonce) from the memfd ``JOB_FD``, closes it, applies
-rlimits, then runs the candidate and the tests. For every test it writes one record
-``<nonce> <json>\\n`` to the result pipe; the json holds plain-data *leaves*: the serialized
-operands of every comparison an ``assert`` evaluated, and the truth value claimed for it.
-The trusted parent re-decodes every leaf and recomputes each comparison itself
-(`verify_record`), so a candidate object whose ``__eq__`` always says True cannot pass: it
-serializes to an opaque marker that equals nothing.
+Each sandboxed process plays one role, set by the job the parent writes into the memfd JOB_FD:
 
-This module is also imported by the parent for the shared plain-data codec
-(`encode` / `decode` / `compare`); it must not import anything from the package.
+* ``candidate``: runs the model's code and then only answers requests on its objects (call,
+  attribute, iteration, ...) over two pipes. It holds no test, no verdict and no result channel.
+* ``tests``: runs the test code in its own interpreter, in another sandbox. Names the candidate
+  defined become proxies that make those requests; values come back as plain data (`encode`),
+  anything else stays a reference that cannot be compared or used as a truth value. Builtins and
+  the dataset's setup code (e.g. HumanEval's prompt, whose helpers such as ``poly`` the tests
+  call) win over candidate names. It writes one JSON line per test to the result pipe, which
+  only it holds; the parent counts those lines.
+* ``stdio``: runs the code as ``__main__`` on stdin; the parent compares stdout.
+
+Before any untrusted code the harness checks that the trainer still lives (the lifeline pipe
+reads EOF once it is gone), in the ``unshare`` backend builds the namespace view and drops
+privileges (`_jail.enter`), and applies rlimits.
 """
 
 from __future__ import annotations
 
-import ast
 import builtins
 import json
-import math
-import operator
 import os
+import re
 import resource
+import select
 import sys
 import types
 
-MAX_DEPTH = 64
-MAX_ITEMS = 200_000
-MAX_LEAF_CHARS = 8 << 20  # per test: serialized operands kept for the parent
+MAX_DEPTH = 100
+MAX_ITEMS = 1_000_000
+MAX_NESTING = 64  # requests in flight at once (callbacks inside calls)
+_MUTABLE = (list, dict, set, bytearray)
 
-# ---------------------------------------------------------------------------------------------
-# plain-data codec (shared with the parent)
-# ---------------------------------------------------------------------------------------------
+
+class CandidateError(Exception):
+    """Raised in the tests for an exception the candidate raised that is not a builtin one."""
+
+
+class ProtocolError(Exception):
+    """The peer broke the framing or the encoding (or went away)."""
 
 
 class _TooBig(Exception):
     pass
 
 
-def encode(x, _depth: int = 0, _budget: list | None = None):
-    """Serialize builtin plain data (exact types only, no subclasses) to JSON-able tagged lists.
-
-    Anything else (user classes, subclasses of int/str/..., generators) becomes ``["X", type]``.
-    """
-    if _budget is None:
-        _budget = [MAX_ITEMS]
-    _budget[0] -= 1
-    if _budget[0] < 0 or _depth > MAX_DEPTH:
-        raise _TooBig
-    t = type(x)
-    if x is None or t is bool or t is str:
-        return x
-    if t is int:
-        return x if -(1 << 53) < x < (1 << 53) else ["I", hex(x)]
-    if t is float:
-        return x if math.isfinite(x) else ["F", repr(x)]
-    if t is list or t is tuple or t is set or t is frozenset:
-        tag = {list: "L", tuple: "T", set: "S", frozenset: "Z"}[t]
-        return [tag, [encode(v, _depth + 1, _budget) for v in x]]
-    if t is dict:
-        return ["D", [[encode(k, _depth + 1, _budget), encode(v, _depth + 1, _budget)] for k, v in x.items()]]
-    if t is bytes:
-        return ["B", x.hex()]
-    if t is complex:
-        return ["C", repr(x.real), repr(x.imag)]
-    return ["X", t.__name__ if isinstance(t.__name__, str) else "?"]
+# ---------------------------------------------------------------------------------------------
+# channel: length-prefixed JSON frames, plain data by value, everything else by reference
+# ---------------------------------------------------------------------------------------------
 
 
-def safe_encode(x):
-    try:
-        return encode(x)
-    except _TooBig:
-        return ["X", "too large"]
-    except RecursionError:
-        return ["X", "too deep"]
+class Remote:
+    """An object that lives in the peer process. In the tests it cannot be compared or used as a
+    truth value (the candidate would decide the outcome); it can be called, iterated, indexed, and
+    (candidate objects only) have attributes read, each over the channel."""
 
+    __slots__ = ("_ch", "_rid", "_tname")
 
-class Opaque:
-    """Decoded stand-in for a value that was not plain data: equals nothing, is falsy."""
+    def __init__(self, ch: "Channel", rid: int, tname: str):
+        object.__setattr__(self, "_ch", ch)
+        object.__setattr__(self, "_rid", rid)
+        object.__setattr__(self, "_tname", tname)
 
-    __slots__ = ("name",)
+    def _op(self, op: str, *args, **kwargs):
+        return self._ch.request(op, self._rid, args, kwargs)
 
-    def __init__(self, name: str):
-        self.name = name
+    def __call__(self, *args, **kwargs):
+        return self._op("call", *args, **kwargs)
 
-    def __eq__(self, other):
-        return False
+    def __getattr__(self, name: str):
+        if name.startswith("__") or not self._ch.peer_getattr:
+            raise AttributeError(name)
+        return self._op("getattr", name)
 
-    def __ne__(self, other):
-        return True
+    def __setattr__(self, name, value):
+        raise AttributeError("remote objects are read-only")
+
+    def __iter__(self):
+        return self._op("iter")
+
+    def __next__(self):
+        return self._op("next")
+
+    def __len__(self):
+        n = self._op("len")
+        if type(n) is not int or n < 0:
+            raise TypeError("len() of a remote object must be a non-negative int")
+        return n
+
+    def __getitem__(self, key):
+        return self._op("getitem", key)
+
+    def __contains__(self, item):
+        return self._op("contains", item) is True
 
     def __bool__(self):
-        return False
+        if self._ch.strict:
+            raise TypeError(f"a {self._tname} returned by the candidate has no truth value here")
+        return self._op("bool") is True
 
+    def _no_compare(self, other):
+        if self._ch.strict:
+            raise TypeError(f"a {self._tname} returned by the candidate cannot be compared")
+        return NotImplemented
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _no_compare
     __hash__ = object.__hash__
 
     def __repr__(self):
-        return f"<opaque {self.name}>"
+        return f"<remote {self._tname}>"
 
 
-def decode(e, _depth: int = 0):
-    """Inverse of `encode`; raises ValueError on malformed input."""
-    if _depth > MAX_DEPTH + 1:
-        raise ValueError("too deep")
-    if e is None or type(e) in (bool, int, float, str):
-        return e
-    if type(e) is not list or not e or type(e[0]) is not str:
-        raise ValueError("malformed leaf")
-    tag = e[0]
-    if tag in ("L", "T", "S", "Z"):
-        items = [decode(v, _depth + 1) for v in e[1]]
-        return {"L": list, "T": tuple, "S": set, "Z": frozenset}[tag](items)
-    if tag == "D":
-        return {decode(k, _depth + 1): decode(v, _depth + 1) for k, v in e[1]}
-    if tag == "I":
-        return int(e[1], 16)
-    if tag == "F":
-        return float(e[1])
-    if tag == "B":
-        return bytes.fromhex(e[1])
-    if tag == "C":
-        return complex(float(e[1]), float(e[2]))
-    if tag == "X":
-        return Opaque(str(e[1]))
-    raise ValueError(f"unknown tag {tag!r}")
+_PLAIN_TAGS = {list: "L", tuple: "T", set: "S", frozenset: "Z"}
+_FROM_TAG = {"L": list, "T": tuple, "S": set, "Z": frozenset}
 
 
-_OPS = {
-    "Eq": operator.eq, "NotEq": operator.ne, "Lt": operator.lt, "LtE": operator.le,
-    "Gt": operator.gt, "GtE": operator.ge, "Is": operator.is_, "IsNot": operator.is_not,
-    "In": lambda a, b: a in b, "NotIn": lambda a, b: a not in b,
-}
+class Channel:
+    """One end of the candidate <-> tests pipes. Plain data (exact builtin types) travels by value;
+    any other object is kept in `objects` and sent as a reference ``["R", id, type name]``; the
+    peer sends it back as ``["P", id]``. Requests name an op on one of our objects; while we wait
+    for an answer we serve the peer's requests (callbacks), up to `MAX_NESTING` deep."""
+
+    def __init__(self, rfd: int, wfd: int, *, strict: bool, ops: frozenset[str], peer_getattr: bool,
+                 max_frame: int = 16 << 20):
+        self.rfd, self.wfd, self.max_frame = rfd, wfd, max_frame
+        self.strict, self.ops, self.peer_getattr = strict, ops, peer_getattr
+        self.objects: dict[int, object] = {}
+        self._ids: dict[int, int] = {}
+        self._depth = 0
+
+    # -- encoding ------------------------------------------------------------------------------
+    def encode(self, x, _depth: int = 0, _budget: list | None = None):
+        budget = [MAX_ITEMS] if _budget is None else _budget
+        budget[0] -= 1
+        if budget[0] < 0 or _depth > MAX_DEPTH:
+            raise _TooBig
+        t = type(x)
+        if x is None or t is bool or t is str:
+            return x
+        if t is int:
+            return x if -(1 << 53) < x < (1 << 53) else ["I", hex(x)]
+        if t is float:
+            return x if x == x and x not in (float("inf"), float("-inf")) else ["F", repr(x)]
+        if t in _PLAIN_TAGS:
+            return [_PLAIN_TAGS[t], [self.encode(v, _depth + 1, budget) for v in x]]
+        if t is dict:
+            return ["D", [[self.encode(k, _depth + 1, budget), self.encode(v, _depth + 1, budget)] for k, v in x.items()]]
+        if t is bytes or t is bytearray:
+            return ["B" if t is bytes else "A", x.hex()]
+        if t is complex:
+            return ["C", repr(x.real), repr(x.imag)]
+        if t is Remote and x._ch is self:
+            return ["P", x._rid]
+        rid = self._ids.get(id(x))
+        if rid is None:
+            rid = self._ids[id(x)] = len(self.objects)
+            self.objects[rid] = x
+        return ["R", rid, t.__name__ if type(t.__name__) is str else "object"]
+
+    def decode(self, e, _depth: int = 0):
+        if _depth > MAX_DEPTH + 1:
+            raise ProtocolError("too deep")
+        t = type(e)
+        if e is None or t is bool or t is int or t is float or t is str:
+            return e
+        if t is not list or not e or type(e[0]) is not str:
+            raise ProtocolError("malformed value")
+        tag = e[0]
+        if tag in _FROM_TAG:
+            return _FROM_TAG[tag](self.decode(v, _depth + 1) for v in e[1])
+        if tag == "D":
+            return {self.decode(k, _depth + 1): self.decode(v, _depth + 1) for k, v in e[1]}
+        if tag == "I":
+            return int(e[1], 16)
+        if tag == "F":
+            return float(e[1])
+        if tag in ("B", "A"):
+            return (bytes if tag == "B" else bytearray).fromhex(e[1])
+        if tag == "C":
+            return complex(float(e[1]), float(e[2]))
+        if tag == "R":
+            return Remote(self, int(e[1]), str(e[2])[:100])
+        if tag == "P":
+            if type(e[1]) is not int or e[1] not in self.objects:
+                raise ProtocolError("unknown reference")
+            return self.objects[e[1]]
+        raise ProtocolError(f"unknown tag {tag[:20]!r}")
+
+    # -- framing -------------------------------------------------------------------------------
+    def send(self, msg: dict) -> None:
+        data = json.dumps(msg, separators=(",", ":")).encode()
+        if len(data) > self.max_frame:
+            raise _TooBig
+        data = len(data).to_bytes(4, "big") + data
+        while data:
+            data = data[os.write(self.wfd, data):]
+
+    def _read(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = os.read(self.rfd, min(n - len(buf), 1 << 20))
+            if not chunk:
+                raise ProtocolError("peer closed the channel")
+            buf += chunk
+        return bytes(buf)
+
+    def recv(self) -> dict:
+        n = int.from_bytes(self._read(4), "big")
+        if n > self.max_frame:
+            raise ProtocolError("frame too large")
+        try:
+            msg = json.loads(self._read(n))
+        except (ValueError, RecursionError) as e:
+            raise ProtocolError(f"bad frame: {type(e).__name__}") from None
+        if type(msg) is not dict:
+            raise ProtocolError("bad frame")
+        return msg
+
+    # -- requests ------------------------------------------------------------------------------
+    def request(self, op: str, rid: int, args: tuple, kwargs: dict):
+        if self._depth >= MAX_NESTING:
+            raise RecursionError("too many nested calls between tests and candidate")
+        try:
+            self.send({"op": op, "ref": rid, "args": self.encode(list(args)), "kw": self.encode(kwargs)})
+        except _TooBig:
+            raise ValueError("arguments too large to send to the candidate") from None
+        self._depth += 1
+        try:
+            while True:
+                msg = self.recv()
+                if "op" in msg:
+                    self.serve(msg)
+                    continue
+                return self._result(op, msg, args, kwargs)
+        finally:
+            self._depth -= 1
+
+    def _result(self, op: str, msg: dict, args: tuple, kwargs: dict):
+        if "exc" in msg:
+            exc = msg["exc"]
+            name, text = (str(exc[0])[:100], str(exc[1])[:1000]) if type(exc) is list and len(exc) == 2 else ("?", "")
+            cls = getattr(builtins, name, None)
+            # StopIteration only ends an iteration: from a call it would silently end the caller's loop
+            if isinstance(cls, type) and issubclass(cls, Exception) and cls.__module__ == "builtins" and \
+                    (op == "next" or not issubclass(cls, (StopIteration, StopAsyncIteration))):
+                raise cls(text)
+            raise CandidateError(f"{name}: {text}")
+        if "ok" not in msg:
+            raise ProtocolError("bad reply")
+        value = self.decode(msg["ok"])
+        # arguments are copies: apply the peer's in-place changes to our mutable ones
+        after = msg.get("after")
+        if type(after) is list and len(after) == len(args) + len(kwargs):
+            for orig, new in zip(list(args) + list(kwargs.values()), after):
+                if new is not None and type(orig) in _MUTABLE:
+                    _restore(orig, self.decode(new))
+        return value
+
+    def serve(self, msg: dict) -> None:
+        """Answer one request on one of our objects."""
+        try:
+            op, rid = msg.get("op"), msg.get("ref")
+            if op not in self.ops or type(rid) is not int or rid not in self.objects:
+                raise ProtocolError(f"request {str(op)[:20]!r} not allowed")
+            args, kwargs = self.decode(msg.get("args")), self.decode(msg.get("kw"))
+            if type(args) is not list or type(kwargs) is not dict or not all(type(k) is str for k in kwargs):
+                raise ProtocolError("bad arguments")
+            value = _apply(op, self.objects[rid], args, kwargs)
+            after = [self.encode(a) if type(a) in _MUTABLE else None for a in args + list(kwargs.values())]
+            reply = {"ok": self.encode(value), "after": after}
+        except BaseException as e:  # noqa: BLE001 - everything goes back as data
+            reply = {"exc": [_name(e), _text(e)]}
+        try:
+            self.send(reply)
+        except _TooBig:
+            self.send({"exc": ["ValueError", "result too large to send"]})
+
+    def serve_forever(self) -> None:
+        while True:
+            try:
+                msg = self.recv()
+            except ProtocolError:
+                return
+            if "op" in msg:
+                self.serve(msg)
 
 
-def compare(op: str, a, b) -> bool:
-    """Apply a comparison to decoded plain values; anything but a real ``True`` is False."""
-    if op in ("Is", "IsNot"):  # identity is only meaningful for singletons after a round trip
-        same = (a is b) if (a is None or type(a) is bool or b is None or type(b) is bool) else False
-        return same if op == "Is" else not same
+def _apply(op: str, obj, args: list, kwargs: dict):
+    if op == "call":
+        return obj(*args, **kwargs)
+    if op == "getattr":
+        if len(args) != 1 or type(args[0]) is not str:
+            raise TypeError("getattr needs one name")
+        return getattr(obj, args[0])
+    if op == "iter":
+        return iter(obj)
+    if op == "next":
+        return next(obj)
+    if op == "len":
+        return len(obj)
+    if op == "getitem":
+        return obj[args[0]]
+    if op == "contains":
+        return args[0] in obj
+    if op == "bool":
+        return bool(obj)
+    raise ProtocolError(op)
+
+
+def _restore(orig, new) -> None:
+    if type(new) is not type(orig):
+        return
+    if type(orig) in (list, bytearray):
+        orig[:] = new
+    else:
+        orig.clear()
+        orig.update(new)
+
+
+def _name(e: BaseException) -> str:
+    n = type(e).__name__
+    return n if type(n) is str else "Exception"
+
+
+def _text(e: BaseException) -> str:
     try:
-        return _OPS[op](a, b) is True
-    except Exception:
-        return False
-
-
-def truth(v) -> bool:
-    try:
-        return bool(v)
-    except Exception:
-        return False
-
-
-def verify_record(rec: dict, min_asserts: int) -> bool:
-    """Parent side: a test passes iff the harness says ok, at least `min_asserts` asserts ran,
-    and every leaf's claimed truth value equals the one recomputed from its plain data."""
-    if rec.get("ok") is not True:
-        return False
-    groups = rec.get("asserts")
-    if type(groups) is not list or len(groups) < min_asserts:
-        return False
-    try:
-        for leaves in groups:
-            if type(leaves) is not list or not leaves:
-                return False
-            for leaf in leaves:
-                if leaf[0] == "c":
-                    _, ea, op, eb, claimed = leaf
-                    if op not in _OPS or compare(op, decode(ea), decode(eb)) is not claimed:
-                        return False
-                elif leaf[0] == "v":
-                    _, ev, claimed = leaf
-                    if truth(decode(ev)) is not claimed:
-                        return False
-                else:
-                    return False
-    except (ValueError, TypeError, IndexError, KeyError, RecursionError, OverflowError):
-        return False
-    return True
-
-
-def count_asserts(src: str) -> int:
-    """Number of `assert` statements at module level of a test snippet (each must execute)."""
-    try:
-        return sum(isinstance(n, ast.Assert) for n in ast.parse(src).body)
-    except SyntaxError:
-        return 0
+        s = str(e)
+        return s[:1000] if type(s) is str else ""
+    except BaseException:  # noqa: BLE001 - a hostile __str__
+        return ""
 
 
 # ---------------------------------------------------------------------------------------------
-# assert instrumentation (runs in the sandbox)
+# roles
 # ---------------------------------------------------------------------------------------------
 
-_BEGIN, _CMP, _VAL = "__dllm_begin__", "__dllm_cmp__", "__dllm_val__"
+_CANDIDATE_OPS = frozenset({"call", "getattr", "iter", "next", "len", "getitem", "contains", "bool"})
+_TESTS_OPS = frozenset({"call", "iter", "next", "len", "getitem", "contains", "bool"})  # no attributes
 
 
-class _Instrument(ast.NodeTransformer):
-    """``assert E, msg`` -> ``__begin__(); if not T(E): raise AssertionError`` where T routes
-    every comparison / truth test through recorders that compare plain-data copies."""
-
-    def visit_Assert(self, node: ast.Assert):
-        begin = ast.Expr(ast.Call(ast.Name(_BEGIN, ast.Load()), [], []))
-        check = ast.If(
-            test=ast.UnaryOp(ast.Not(), self._truth(self.visit(node.test))),
-            body=[ast.Raise(ast.Call(ast.Name("AssertionError", ast.Load()), [], []), None)],
-            orelse=[],
-        )
-        return [ast.copy_location(begin, node), ast.copy_location(check, node)]
-
-    def _truth(self, e: ast.expr) -> ast.expr:
-        if isinstance(e, ast.UnaryOp) and isinstance(e.op, ast.Not):
-            return ast.UnaryOp(ast.Not(), self._truth(e.operand))
-        if isinstance(e, ast.BoolOp):
-            return ast.BoolOp(e.op, [self._truth(v) for v in e.values])
-        if isinstance(e, ast.Compare):
-            args: list[ast.expr] = [e.left]
-            for i, (op, comp) in enumerate(zip(e.ops, e.comparators)):
-                args.append(ast.Constant(type(op).__name__))
-                # later operands of a chain stay lazy, as in Python's own evaluation order
-                args.append(comp if i == 0 else ast.Lambda(_no_args(), comp))
-            return ast.Call(ast.Name(_CMP, ast.Load()), args, [])
-        return ast.Call(ast.Name(_VAL, ast.Load()), [e], [])
-
-
-def _no_args() -> ast.arguments:
-    return ast.arguments(posonlyargs=[], args=[], vararg=None, kwonlyargs=[], kw_defaults=[], kwarg=None, defaults=[])
-
-
-def instrument(src: str, filename: str):
-    tree = _Instrument().visit(ast.parse(src, filename))
-    return compile(ast.fix_missing_locations(tree), filename, "exec")
-
-
-class _AbortTest(BaseException):
-    pass
-
-
-def _make_recorders():
-    state = {"groups": [], "chars": 0}
-
-    def begin():
-        state["groups"].append([])
-
-    def _leaf(leaf, size):
-        state["chars"] += size
-        if state["chars"] > MAX_LEAF_CHARS:
-            raise _AbortTest("leaf budget exceeded")
-        if not state["groups"]:
-            state["groups"].append([])
-        state["groups"][-1].append(leaf)
-
-    def cmp(a, *rest):
-        ea = safe_encode(a)
-        pa = decode(ea)
-        for i in range(0, len(rest), 2):
-            op, b = rest[i], rest[i + 1]
-            if i:
-                b = b()
-            eb = safe_encode(b)
-            pb = decode(eb)
-            r = compare(op, pa, pb)
-            _leaf(["c", ea, op, eb, r], len(repr(ea)) + len(repr(eb)))
-            if not r:
-                return False
-            ea, pa = eb, pb
-        return True
-
-    def val(v):
-        ev = safe_encode(v)
-        r = truth(decode(ev))
-        _leaf(["v", ev, r], len(repr(ev)))
-        return r
-
-    return state, begin, cmp, val
-
-
-def _plain_returning(fn):
-    """Wrap a candidate function so test code only ever sees plain-data copies of its results."""
-
-    def wrapper(*args, **kwargs):
-        return decode(safe_encode(fn(*args, **kwargs)))
-
-    wrapper.__name__ = getattr(fn, "__name__", "candidate")
-    return wrapper
-
-
-# ---------------------------------------------------------------------------------------------
-# sandbox setup for the `unshare` path (we are root in fresh mount/pid/net namespaces)
-# ---------------------------------------------------------------------------------------------
-
-_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_REMOUNT, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 32, 4096, 8192, 16384, 1 << 18
-
-
-def _mount(libc, src, target, fstype, flags, data=None):
-    if libc.mount(src, target.encode(), fstype, flags, data) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        raise OSError(err, f"mount {target}: {os.strerror(err)}")
-
-
-def _setup_unshare(setup: dict) -> None:
-    """Private tmpfs over every world-writable dir and $HOME (re-exposing the interpreter),
-    best-effort read-only remount of the rest, then drop to an unprivileged uid."""
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-    _mount(libc, None, "/", None, _MS_REC | _MS_PRIVATE)
-    _mount(libc, b"tmpfs", "/tmp", b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=64m,mode=1777")
-    stage = []
-    for i, keep in enumerate(setup.get("expose", [])):
-        s = f"/tmp/.stage{i}"
-        os.mkdir(s)
-        _mount(libc, keep.encode(), s, None, _MS_BIND | _MS_REC)
-        stage.append((s, keep))
-    for d in setup.get("hide", []):
-        if os.path.isdir(d):
-            _mount(libc, b"tmpfs", d, b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=64m,mode=1777")
-    for s, keep in stage:
-        os.makedirs(keep, exist_ok=True)
-        _mount(libc, s.encode(), keep, None, _MS_MOVE)
-        os.rmdir(s)
-    skip = set(setup.get("hide", [])) | {"/tmp"} | {k for _, k in stage}
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    for mp in points:
-        mp = mp.encode().decode("unicode_escape")
-        if mp in skip or mp == "/proc" or mp.startswith("/proc/"):
+def _candidate(job: dict) -> None:
+    ch = Channel(job["rfd"], job["wfd"], strict=False, ops=_CANDIDATE_OPS, peer_getattr=False)
+    ns: dict = {"__name__": "__solution__", "__builtins__": builtins}
+    try:
+        exec(compile(job["code"], "<solution>", "exec"), ns)
+    except BaseException as e:  # noqa: BLE001 - SystemExit too: leaving early is a failure
+        ch.send({"hello": None, "error": _name(e)})
+        return
+    names = []
+    for k, v in list(ns.items()):
+        if type(k) is not str or k.startswith("__"):
+            continue
+        if isinstance(v, types.ModuleType):
+            if type(v.__name__) is str:
+                names.append([k, ["M", v.__name__]])
             continue
         try:
-            _mount(libc, None, mp, None, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID)
-        except OSError:
-            pass  # not every mount can be remounted; the uid drop below still protects it
-    for d in ("/tmp", *setup.get("hide", [])):
-        os.chmod(d, 0o1777)
-    uid = int(setup.get("uid", 65534))
-    os.setgroups([])
-    os.setgid(uid)
-    os.setuid(uid)  # from root to non-root: all capabilities are dropped
-    libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS: no setuid binaries from here on
+            names.append([k, ch.encode(v, _budget=[10_000]), _origin(v)])
+        except (_TooBig, RecursionError):
+            names.append([k, ch.encode(object()), None])
+    ch.send({"hello": names})
+    ch.serve_forever()
+
+
+def _origin(v) -> list | None:
+    """(module, qualname) a candidate object claims, if the module is in the standard library."""
+    try:
+        mod, qual = getattr(v, "__module__", None), getattr(v, "__qualname__", None)
+    except BaseException:  # noqa: BLE001 - a hostile descriptor
+        return None
+    if type(mod) is str and type(qual) is str and mod.partition(".")[0] in sys.stdlib_module_names:
+        return [mod, qual]
+    return None
+
+
+def _stdlib(module: str, qualname: str | None = None):
+    """Our own copy of a standard-library module (or an object in it); None if there is none."""
+    if module.partition(".")[0] not in sys.stdlib_module_names:
+        return None
+    try:
+        obj = __import__(module, fromlist=["_"])
+        for part in (qualname.split(".") if qualname else []):
+            obj = getattr(obj, part)
+        return obj
+    except BaseException:  # noqa: BLE001
+        return None
+
+
+def _test_namespace(ch: Channel, names: list, job: dict, sources: list[str]) -> tuple[dict, object]:
+    """The tests' globals: the candidate names the tests mention, then the dataset's setup code,
+    then the entry point again. Builtin names never come from the candidate; standard-library
+    modules and functions the candidate imported (or claims to have) are our own copies, looked up
+    by name; a stdlib module name the tests use as ``name.attr`` is always the real module; the
+    rest are proxies (or plain copies)."""
+    tns: dict = {"__name__": "__test__", "__builtins__": builtins}
+    entry = job.get("entry_point")
+    text = "\n".join(sources + [job.get("setup") or ""])
+    used = set(re.findall(r"[A-Za-z_]\w*", text)) | {entry}
+    for item in names if type(names) is list else []:
+        if type(item) is not list or len(item) != 3 or type(item[0]) is not str:
+            continue
+        name, enc, origin = item
+        if name not in used or name.startswith("__") or (hasattr(builtins, name) and name != entry):
+            continue
+        if type(enc) is list and len(enc) == 2 and enc[0] == "M" or \
+                (name != entry and re.search(rf"\b{name}\s*\.", text) and _stdlib(name) is not None):
+            real = _stdlib(str(enc[1]) if type(enc) is list and enc[0] == "M" else name)
+            if real is not None:
+                tns[name] = real
+            continue
+        if name != entry and type(origin) is list and len(origin) == 2 and all(type(o) is str for o in origin):
+            real = _stdlib(*origin)
+            if real is not None and callable(real):
+                tns[name] = real
+                continue
+        tns[name] = ch.decode(enc)
+    candidate = tns.get(entry) if entry else None
+    if job.get("setup"):
+        try:
+            exec(compile(job["setup"], "<setup>", "exec"), tns)
+        except BaseException:  # noqa: BLE001 - fall back to the candidate's helpers
+            pass
+    if entry:
+        if candidate is None:
+            tns.pop(entry, None)
+        else:
+            tns[entry] = candidate
+    return tns, candidate
+
+
+def _tests(job: dict) -> None:
+    ch = Channel(job["rfd"], job["wfd"], strict=True, ops=_TESTS_OPS, peer_getattr=True)
+    rfd = job["result_fd"]
+
+    def emit(i: int, ok: bool, error: str | None) -> None:
+        data = json.dumps({"t": i, "ok": ok, "error": error}).encode() + b"\n"
+        while data:
+            data = data[os.write(rfd, data):]
+
+    sources = [job["test"]] if job["mode"] == "humaneval" else list(job["tests"])
+    try:
+        hello = ch.recv()
+    except ProtocolError as e:
+        hello = {"hello": None, "error": str(e)}
+    if hello.get("hello") is None:
+        for i in range(len(sources)):
+            emit(i, False, f"candidate did not load: {str(hello.get('error'))[:100]}")
+        return
+    try:
+        tns, candidate = _test_namespace(ch, hello["hello"], job, sources)
+    except Exception:  # noqa: BLE001 - a malformed hello: every test fails below
+        tns, candidate = {"__builtins__": builtins}, None
+    for i, src in enumerate(sources):
+        ok, err = True, None
+        try:
+            exec(compile(src, f"<test {i}>", "exec"), tns)
+            if job["mode"] == "humaneval":
+                if candidate is None:
+                    raise NameError(job["entry_point"])
+                tns["check"](candidate)
+        except BaseException as e:  # noqa: BLE001 - any failure fails this test
+            ok, err = False, _name(e)
+        emit(i, ok, err)
+
+
+def _stdio(job: dict) -> None:
+    ns = {"__name__": "__main__", "__builtins__": builtins}
+    try:
+        exec(compile(job["code"], "<solution>", "exec"), ns)
+    finally:
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(0)
 
 
 # ---------------------------------------------------------------------------------------------
-# main
+# start-up
 # ---------------------------------------------------------------------------------------------
 
 
 def _apply_limits(lim: dict) -> None:
     for name, key in (("RLIMIT_CPU", "cpu_s"), ("RLIMIT_AS", "as_bytes"), ("RLIMIT_FSIZE", "fsize"),
-                      ("RLIMIT_NOFILE", "nofile"), ("RLIMIT_NPROC", "nproc"), ("RLIMIT_CORE", "core")):
-        if lim.get(key) is not None:
-            v = int(lim[key])
-            try:
-                resource.setrlimit(getattr(resource, name), (v, v))
-            except (ValueError, OSError):
-                soft, hard = resource.getrlimit(getattr(resource, name))
-                resource.setrlimit(getattr(resource, name), (min(v, hard), min(v, hard)))
+                      ("RLIMIT_NOFILE", "nofile"), ("RLIMIT_NPROC", "nproc"), ("RLIMIT_CORE", "core"),
+                      ("RLIMIT_MSGQUEUE", "msgqueue"), ("RLIMIT_MEMLOCK", "memlock")):
+        if lim.get(key) is None:
+            continue
+        v = int(lim[key])
+        which = getattr(resource, name)
+        hard = resource.getrlimit(which)[1]
+        v = v if hard == resource.RLIM_INFINITY else min(v, hard)
+        resource.setrlimit(which, (v, v))
 
 
-def _make_emitter(fd: int, nonce: bytes):
-    write, dumps = os.write, json.dumps
-
-    def emit(obj) -> None:
-        data = nonce + b" " + dumps(obj, separators=(",", ":")).encode() + b"\n"
-        while data:
-            data = data[write(fd, data):]
-
-    return emit
-
-
-def _run_asserts(job: dict, emit) -> None:
-    clean_builtins = dict(vars(builtins))  # snapshot before the candidate can patch anything
-    mode = job["mode"]
-    ns: dict = {"__name__": "__solution__", "__builtins__": builtins}
-    try:
-        exec(compile(job["code"], "<solution>", "exec"), ns)
-    except BaseException as e:  # SystemExit included: exiting early is a failure
-        emit({"load": False, "error": type(e).__name__})
-        return
-    tns = dict(ns)
-    for k, v in ns.items():
-        if isinstance(v, types.FunctionType) and v.__globals__ is ns:
-            tns[k] = _plain_returning(v)
-    state, begin, cmp, val = _make_recorders()
-    tns.update({"__builtins__": clean_builtins, _BEGIN: begin, _CMP: cmp, _VAL: val, "__name__": "__test__"})
-    if mode == "humaneval":
-        tests = [job["test"]]
-    else:
-        tests = job["tests"]
-    for i, src in enumerate(tests):
-        state["groups"], state["chars"] = [], 0
-        ok, err = True, None
-        try:
-            exec(instrument(src, f"<test {i}>"), tns)
-            if mode == "humaneval":
-                ep = job["entry_point"]
-                if ep not in ns or not callable(ns[ep]):
-                    raise NameError(ep)
-                tns["check"](tns[ep])
-        except BaseException as e:
-            ok, err = False, type(e).__name__
-        emit({"t": i, "ok": ok, "error": err, "asserts": state["groups"]})
+def _lifeline_ok(fd: int | None) -> bool:
+    """False if the trainer is gone: the pipe's write end lives only in the trainer."""
+    return fd is None or not select.select([fd], [], [], 0)[0]
 
 
 def main() -> None:
     job_fd = int(sys.argv[1])
     with os.fdopen(job_fd, "rb") as f:
         job = json.loads(f.read())
-    if job.get("setup"):
-        _setup_unshare(job["setup"])
-    os.chdir(job.get("cwd", "/tmp"))
-    result_fd = int(job["result_fd"])
-    emit = _make_emitter(result_fd, job.pop("nonce").encode())
-    keep = sorted({0, 1, 2, result_fd})
+    if not _lifeline_ok(job.get("lifeline")):
+        os._exit(70)
+    if job.get("jail"):
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        import _jail
+
+        del sys.path[0]
+        _jail.enter(job["jail"])
+    else:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")  # first in line for the OOM killer
+        except OSError:
+            pass
+    # undumpable: /proc/<pid> of ours belongs to root, so the candidate cannot lower its
+    # oom_score_adj, and same-uid processes (unsafe mode) cannot open our fds or memory
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE; the seccomp filter forbids setting it back
+    os.chdir(job.get("cwd") or "/tmp")
+    keep = sorted({0, 1, 2} | {job[k] for k in ("rfd", "wfd", "result_fd") if job.get(k) is not None})
     for lo, hi in zip(keep, keep[1:] + [1 << 16]):
         os.closerange(lo + 1, hi)
     _apply_limits(job["limits"])
     sys.setrecursionlimit(max(sys.getrecursionlimit(), 3000))
-    if job["mode"] == "stdio":
-        os.close(result_fd)
-        ns = {"__name__": "__main__", "__builtins__": builtins}
-        code = compile(job["code"], "<solution>", "exec")
-        exec(code, ns)
-        sys.stdout.flush()
-        os._exit(0)
+    role = {"candidate": _candidate, "tests": _tests, "stdio": _stdio}[job["role"]]
     try:
-        _run_asserts(job, emit)
+        role(job)
     finally:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
         finally:
-            os._exit(0)  # skip candidate atexit hooks; the parent decides from the records
+            os._exit(0)  # no atexit hooks; the parent decides from the records
 
 
 if __name__ == "__main__":

@@ -1,74 +1,74 @@
-"""Sandbox for model-written code: namespaces, rlimits, and results the candidate cannot forge.
+"""Sandbox for model-written code: verdicts the candidate cannot touch, a minimal unprivileged view
+of the host, bounded resources, nothing that outlives the run. docs/sandbox.md has the threat
+model; in short:
 
-Isolation (per run, a fresh sandbox):
+* Verdicts. A test job runs in two sandboxes: the candidate's code in one, the tests in another
+  (`_harness`). They talk over two pipes carrying plain data; the tests' sandbox alone holds the
+  result pipe, and the parent counts the per-test lines it reads there. Stdin/stdout jobs run
+  the candidate alone; the parent compares its stdout.
+* Privilege and view. The candidate runs as a non-root host uid even when the trainer is root
+  (one uid per sandbox from a private range), with no capabilities, ``no_new_privs`` and a seccomp
+  filter (`_jail.seccomp_filter`). It sees the interpreter and its standard library read-only
+  (site-packages masked), /usr, a fresh /proc of its own pid namespace, a minimal /dev and a
+  private, size-limited /tmp and /dev/shm; nothing else of the host, and no network.
+* Resources. Per sandbox: a cgroup (memory incl. tmpfs/memfd/shm, process count) where the machine
+  allows it (`_cgroup`), always rlimits (CPU, address space, file size, open files, processes),
+  sized tmpfs, oom_score_adj 1000 (the OOM killer takes a sandbox before the trainer), a
+  wall-clock timeout and an output cap.
+* Lifetime. The trainer holds the only write end of a lifeline pipe; each sandbox checks it
+  before running anything, and a chain of parent-death signals kills every sandbox's namespace
+  when the trainer dies (also by SIGKILL). After each run the parent SIGKILLs what is left and
+  waits until it is gone.
 
-* ``bwrap`` when it works: read-only bind of ``/``, private tmpfs ``/tmp`` (also the throwaway
-  working directory) and ``$HOME`` (only the interpreter's own directories re-exposed,
-  read-only), new user/pid/net/ipc/uts/cgroup namespaces, all capabilities dropped,
-  ``--die-with-parent``, ``--new-session``, ``--clearenv``.
-* else ``unshare`` (needs root): new pid/net/ipc/uts/mount namespaces; the harness mounts private
-  tmpfs over every world-writable directory and ``$HOME``, remounts the rest read-only where it
-  can, and drops to uid 65534 (which removes every capability) with ``no_new_privs``.
-* else nothing: `Sandbox` refuses to run unless ``unsafe=True`` (plain subprocess + rlimits).
-
-In every mode: rlimits (CPU, address space, file size, open files, processes), a wall-clock
-timeout after which the whole process group is SIGKILLed (the pid namespace takes every
-descendant with it, detached or not), a scrubbed environment, stdout+stderr capped
-(`max_output_bytes`; more than that kills the run; `keep_output_bytes` are kept for logs).
-
-Verdicts. The candidate's exit code and its printed text are never trusted. The parent writes
-the job, including a fresh random nonce, into a memfd that the harness reads and closes before
-any candidate code runs; the nonce never appears in argv, the environment or any file the
-candidate can open. The harness reports each test as ``<nonce> <json>`` on a pipe; lines
-without the nonce are ignored, a duplicated test index fails that test. Each record carries
-the plain-data serialization of both operands of every comparison the test's asserts made
-(values returned by candidate functions are round-tripped through that serialization before
-tests see them), and the parent recomputes every comparison from that data
-(`_harness.verify_record`). Hence ``sys.exit(0)``/``os._exit(0)`` before the asserts (no
-records), ``atexit`` hooks (the harness leaves with ``os._exit``), printing "PASSED" (no
-nonce) and objects whose ``__eq__``/``__sub__``/``__bool__`` lie (opaque after serialization)
-all score 0. Tests run with a snapshot of ``builtins`` taken before the candidate ran, and
-each top-level ``assert`` of a test must actually have executed.
-
-Residual risk, stated plainly: the harness shares an interpreter with the candidate, so code
-that deliberately introspects the interpreter (``gc``, frame objects, ``ctypes`` on its own
-memory) to find the nonce or replace the recorders, or that monkeypatches stdlib modules the
-tests call, could forge a pass. Isolation of the host does not depend on this.
+Backends: ``bwrap`` (bubblewrap; as root it is started through ``setpriv`` under the sample's
+uid, after the interpreter is bind-mounted somewhere that uid may read when it lives in a
+private directory such as /root), ``unshare`` (root: util-linux ``unshare`` for the namespaces,
+`_jail` for the view and the privilege drop), or ``unsafe`` (no isolation; refused unless
+``unsafe=True``).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
+import math
 import os
-import secrets
 import selectors
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from rewards import _harness
+from rewards._cgroup import Cgroup, Cgroups
+from rewards._jail import seccomp_filter
 
 log = logging.getLogger("rewards")
 
 HARNESS = str(Path(_harness.__file__).resolve())
+SBX_HARNESS = "/sbx/_harness.py"
 MODES = ("bwrap", "unshare", "unsafe")
 _MODE_CACHE: dict[str, bool] = {}
 _LOGGED_MODE: set[str] = set()
+_STAGE_DIRS = ("/media", "/srv", "/mnt", "/run", "/tmp")
 
 
 @dataclass
 class RunResult:
-    """Outcome of one sandboxed run: per-test verdicts (assert modes) or stdout (stdio mode)."""
+    """Outcome of one run: per-test verdicts (test jobs) or stdout (stdio jobs)."""
 
     passed: list[bool] = field(default_factory=list)
     stdout: bytes = b""
     timed_out: bool = False
     output_exceeded: bool = False
+    oom: bool = False
     returncode: int | None = None
     wall_s: float = 0.0
     error: str | None = None
@@ -78,43 +78,159 @@ class SandboxUnavailable(RuntimeError):
     pass
 
 
-def _interpreter_dirs() -> list[str]:
-    dirs = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    dirs.add(str(Path(sys.executable).resolve().parent.parent))
-    return sorted({str(Path(d).resolve()) for d in dirs})
+# -- host facts, computed once ----------------------------------------------------------------
 
 
-def _home_dirs() -> list[str]:
-    homes = {os.path.expanduser("~"), "/root"}
-    return sorted(h for h in homes if h and h != "/" and os.path.isdir(h))
+def _python() -> str:
+    """The base interpreter (a venv's python is a link to it or a copy of it)."""
+    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for p in (os.path.realpath(sys.executable), os.path.join(sys.base_exec_prefix, "bin", ver)):
+        if os.path.isfile(p) and p.startswith(os.path.realpath(sys.base_exec_prefix) + "/"):
+            return p
+    return os.path.realpath(sys.executable)
 
 
-def _world_writable() -> list[str]:
-    return [d for d in ("/var/tmp", "/run/lock", "/var/lock", "/dev/shm", "/dev/mqueue") if os.path.isdir(d) and not os.path.islink(d)]
+def _exposed_dirs() -> list[str]:
+    """System directories plus the interpreter's prefix (read-only in the sandbox)."""
+    dirs = [d for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32") if os.path.lexists(d)]
+    for d in {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}:
+        if not any(d == x or d.startswith(x + "/") for x in dirs):
+            dirs.append(d)
+    return dirs
+
+
+def _site_dirs(exposed: list[str]) -> list[str]:
+    found = set()
+    for pre in {os.path.realpath(sys.base_prefix), "/usr", "/usr/local"}:
+        for pat in ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages"):
+            found.update(glob.glob(f"{pre}/{pat}"))
+    return sorted(d for d in found if os.path.isdir(d) and not os.path.islink(d)
+                  and any(d.startswith(x + "/") for x in exposed))
+
+
+def view_plan(scratch_bytes: int, shm_bytes: int, *, harness_at: str | None = None) -> list[list]:
+    """The sandbox's filesystem, as ops both backends execute (see `_jail.build_root`)."""
+    plan: list[list] = []
+    exposed = _exposed_dirs()
+    for d in exposed:
+        if os.path.islink(d):
+            plan.append(["symlink", os.readlink(d), d])
+        else:
+            plan.append(["ro", d, d])
+    if os.path.isfile("/etc/ld.so.cache"):
+        plan.append(["ro", "/etc/ld.so.cache", "/etc/ld.so.cache"])
+    plan += [["tmpfs", d, 4096, 0o755, True] for d in _site_dirs(exposed)]
+    if harness_at:
+        plan.append(["ro", HARNESS, harness_at])
+    plan += [["proc", "/proc"], ["dev", "/dev"], ["tmpfs", "/dev/shm", shm_bytes, 0o1777, False],
+             ["tmpfs", "/tmp", scratch_bytes, 0o1777, False], ["remount-ro", "/dev"], ["remount-ro", "/"]]
+    return plan
+
+
+def _others_can_read(path: str) -> bool:
+    """Whether a non-root uid that owns nothing can reach `path` (every parent searchable)."""
+    p = Path(path)
+    try:
+        for parent in list(p.parents)[:-1] + ([p] if p.is_dir() else []):
+            if not parent.stat().st_mode & 0o001:
+                return False
+        return bool(p.stat().st_mode & 0o004)
+    except OSError:
+        return False
+
+
+def _stage_dir(sources: list[str]) -> str:
+    for d in _STAGE_DIRS:
+        if os.path.isdir(d) and not os.path.islink(d) and not any(s == d or s.startswith(d + "/") for s in sources):
+            return d
+    raise SandboxUnavailable("no directory to stage the sandbox's bind mounts on")
+
+
+class _Uids:
+    """Host uids for sandboxes when the trainer is root: one per live sandbox, from a range no
+    account uses, so the process limit and file ownership are per sandbox."""
+
+    def __init__(self, size: int = 512):
+        self.base = 2_000_000_000 + (os.getpid() % 4096) * size
+        self._free = list(range(size))
+        self._cond = threading.Condition()
+
+    def acquire(self) -> int:
+        with self._cond:
+            while not self._free:
+                self._cond.wait()
+            return self.base + self._free.pop()
+
+    def release(self, uid: int) -> None:
+        with self._cond:
+            self._free.append(uid - self.base)
+            self._cond.notify()
+
+
+_LIFELINE: list[int] = []
+_LIFELINE_LOCK = threading.Lock()
+
+
+def _owner_tag() -> str:
+    """Last argument of every sandbox command line (ignored by the harness): whose sandbox it is."""
+    return f"dllm-sbx-owner={os.getpid()}"
+
+
+def _lifeline() -> int:
+    """Read end of a pipe whose write end only this process holds (children forked without exec
+    drop it), so a sandbox can tell whether the trainer still lives."""
+    with _LIFELINE_LOCK:
+        if not _LIFELINE:
+            r, w = os.pipe()
+            _LIFELINE[:] = [r, w]
+            os.register_at_fork(after_in_child=lambda: os.close(w))
+        return _LIFELINE[0]
+
+
+@dataclass
+class _Handle:
+    proc: subprocess.Popen
+    cgroup: Cgroup | None
+    uid: int | None
+    tmpdir: str | None = None
 
 
 class Sandbox:
-    """Runs jobs for `_harness.py` in the strongest available isolation.
+    """Runs jobs for `_harness` in the strongest available isolation.
 
     Args:
         mode: "auto" (bwrap, else unshare, else refuse), "bwrap", "unshare", or "unsafe".
-        unsafe: allow running without namespaces when nothing else works.
-        timeout_s: wall-clock budget per run; memory_mb: address-space limit;
-        max_procs: extra processes the candidate may create.
+        unsafe: allow running without isolation when nothing else works.
+        timeout_s: wall-clock budget per run. memory_mb: per sandbox (cgroup and address space).
+        max_procs: processes and threads per sandbox. max_file_mb: largest file it may write.
+        scratch_mb / shm_mb: sizes of its /tmp and /dev/shm. cgroups: use cgroups when available.
     """
 
     def __init__(self, mode: str = "auto", *, unsafe: bool = False, timeout_s: float = 5.0, memory_mb: int = 1024,
-                 max_procs: int = 256, max_file_mb: int = 16, max_output_bytes: int = 1 << 20,
-                 keep_output_bytes: int = 64 << 10):
+                 max_procs: int = 32, max_file_mb: int = 16, scratch_mb: int = 64, shm_mb: int = 16,
+                 max_output_bytes: int = 1 << 20, keep_output_bytes: int = 64 << 10, cgroups: bool = True):
         if mode not in ("auto", *MODES):
             raise ValueError(f"sandbox mode must be one of auto/bwrap/unshare/unsafe, got {mode!r}")
+        for name, v in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_procs", max_procs),
+                        ("max_file_mb", max_file_mb), ("scratch_mb", scratch_mb), ("shm_mb", shm_mb),
+                        ("max_output_bytes", max_output_bytes), ("keep_output_bytes", keep_output_bytes)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise ValueError(f"sandbox option {name} must be a positive number, got {v!r}")
         self.timeout_s, self.memory_mb, self.max_procs = float(timeout_s), int(memory_mb), int(max_procs)
-        self.max_file_mb, self.max_output_bytes, self.keep_output_bytes = max_file_mb, max_output_bytes, keep_output_bytes
-        self.python = sys.executable
+        self.max_file_mb, self.scratch_mb, self.shm_mb = int(max_file_mb), int(scratch_mb), int(shm_mb)
+        self.max_output_bytes, self.keep_output_bytes = int(max_output_bytes), int(keep_output_bytes)
+        self.python = _python()
+        self.root = os.geteuid() == 0
+        self.cgroups = _cgroups() if cgroups else Cgroups(None, [])
+        self.uids = _uids() if self.root else None
+        self.seccomp = seccomp_filter()
         self.mode = self._select(mode, unsafe)
         if self.mode not in _LOGGED_MODE:
             _LOGGED_MODE.add(self.mode)
-            (log.warning if self.mode == "unsafe" else log.info)("code sandbox mode: %s", self.mode)
+            (log.warning if self.mode == "unsafe" else log.info)(
+                "code sandbox mode: %s (cgroup: %s, seccomp: %s, uid: %s)", self.mode,
+                f"v{self.cgroups.version}" if self.cgroups.version else "none (rlimits only)",
+                "on" if self.seccomp else "unavailable", "per-sandbox" if self.root else "the trainer's")
 
     # -- mode selection ----------------------------------------------------------------------
     def _select(self, mode: str, unsafe: bool) -> str:
@@ -130,18 +246,22 @@ class Sandbox:
         if unsafe:
             return "unsafe"
         raise SandboxUnavailable(
-            f"no working sandbox (tried {mode if mode != 'auto' else 'bwrap, unshare'}); install bubblewrap, "
-            "run as root for unshare, or pass unsafe=True to run model code without isolation")
+            f"no working sandbox (tried {mode if mode != 'auto' else 'bwrap, unshare'}); install bubblewrap "
+            "(>= 0.7), run as root for unshare, or pass unsafe=True to run model code without isolation")
 
     def _probe(self, mode: str) -> bool:
-        if mode == "bwrap" and shutil.which("bwrap") is None:
-            return False
-        if mode == "unshare" and (shutil.which("unshare") is None or os.geteuid() != 0):
+        if mode == "bwrap":
+            if shutil.which("bwrap") is None or (self.root and shutil.which("setpriv") is None):
+                return False
+            if "--size" not in _bwrap_help():
+                log.info("sandbox probe bwrap: this bubblewrap has no --size (tmpfs limits); need >= 0.7")
+                return False
+        if mode == "unshare" and (not self.root or shutil.which("unshare") is None or shutil.which("setpriv") is None):
             return False
         try:
             res = self.run({"mode": "asserts", "code": "def f():\n    return 1\n", "tests": ["assert f() == 1"]},
-                           _mode=mode, timeout_s=max(self.timeout_s, 10.0))
-        except OSError as e:
+                           _mode=mode, timeout_s=max(self.timeout_s, 20.0))
+        except (OSError, SandboxUnavailable) as e:
             log.info("sandbox probe %s failed: %s", mode, e)
             return False
         ok = res.passed == [True]
@@ -150,80 +270,224 @@ class Sandbox:
         return ok
 
     # -- command lines -----------------------------------------------------------------------
-    def _argv(self, mode: str, job_fd: int) -> tuple[list[str], dict | None]:
-        inner = [self.python, "-I", HARNESS, str(job_fd)]
-        if mode == "bwrap":
-            argv = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-                    "--die-with-parent", "--new-session", "--clearenv", "--ro-bind", "/", "/", "--dev", "/dev",
-                    "--proc", "/proc", "--tmpfs", "/tmp"]
-            for d in _world_writable() + _home_dirs():
-                if not d.startswith("/dev"):
-                    argv += ["--tmpfs", d]
-            for d in _interpreter_dirs() + [str(Path(HARNESS).parent)]:
-                argv += ["--ro-bind", d, d]
-            for k, v in self._env().items():
-                argv += ["--setenv", k, v]
-            return argv + ["--chdir", "/tmp", "--"] + inner, None
-        if mode == "unshare":
-            argv = ["unshare", "--fork", "--pid", "--kill-child", "--mount-proc", "--mount", "--net", "--ipc", "--uts", "--"]
-            hide = sorted(set(_world_writable() + _home_dirs()))
-            expose = [d for d in _interpreter_dirs() + [str(Path(HARNESS).parent)] if any(d.startswith(h + "/") for h in hide)]
-            return argv + inner, {"hide": hide, "expose": expose, "uid": 65534}
-        return inner, None
-
     @staticmethod
     def _env() -> dict[str, str]:
         return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
                 "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 
+    def _plan(self, harness_at: str | None) -> list[list]:
+        return view_plan(self.scratch_mb << 20, self.shm_mb << 20, harness_at=harness_at)
+
+    def _bwrap_argv(self, job_fd: int, seccomp_fd: int | None, cgroup: Cgroup | None, uid: int | None) -> list[str]:
+        plan = self._plan(SBX_HARNESS)
+        staged: list[tuple[str, str]] = []  # (host source, staged path) for sources uid cannot read
+        stage = None
+        if uid is not None:
+            hidden = [op[1] for op in plan if op[0] == "ro" and not _others_can_read(op[1])]
+            if hidden:
+                stage = _stage_dir(hidden)
+                staged = [(src, f"{stage}/{i}") for i, src in enumerate(hidden)]
+        where = dict(staged)
+        argv = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
+                "--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox"]
+        if "--disable-userns" in _bwrap_help():
+            argv.append("--disable-userns")
+        for op in plan:
+            kind = op[0]
+            if kind == "ro":
+                argv += ["--ro-bind", where.get(op[1], op[1]), op[2]]
+            elif kind == "symlink":
+                argv += ["--symlink", op[1], op[2]]
+            elif kind == "tmpfs":
+                argv += ["--size", str(op[2]), "--perms", f"{op[3]:04o}", "--tmpfs", op[1]]
+                if op[4]:
+                    argv += ["--remount-ro", op[1]]
+            elif kind in ("proc", "dev", "remount-ro"):
+                argv += [f"--{kind}", op[1]]
+        for k, v in self._env().items():
+            argv += ["--setenv", k, v]
+        if seccomp_fd is not None:
+            argv += ["--seccomp", str(seccomp_fd)]
+        argv += ["--chdir", "/tmp", "--", self.python, "-I", "-S", SBX_HARNESS, str(job_fd), _owner_tag()]
+        if uid is None and cgroup is None:
+            return argv
+        # a launcher: join the cgroup and set the OOM score while root, bind-mount what the sample's
+        # uid cannot reach into a private mount namespace, then become that uid and exec bwrap
+        lines = ["set -e"] + [f"echo $$ > {shlex.quote(f)}" for f in (cgroup.procs_files if cgroup else [])]
+        if uid is not None:
+            lines.append("echo 1000 > /proc/self/oom_score_adj")
+        if stage:
+            lines.append(f"mount -t tmpfs -o size=65536,mode=0755 dllm-sbx {shlex.quote(stage)}")
+            for src, dst in staged:
+                lines.append(f"mkdir {shlex.quote(dst)}" if os.path.isdir(src) else f": > {shlex.quote(dst)}")
+                lines.append(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)}")
+        pre = []
+        if uid is not None:
+            pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--pdeathsig=KILL", "--"]
+        lines.append("exec " + " ".join(shlex.quote(a) for a in pre + argv))
+        script = ["/bin/sh", "-c", "\n".join(lines)]
+        return (["unshare", "--mount", "--propagation", "private", "--"] if stage else []) + script
+
+    # -- spawning ----------------------------------------------------------------------------
+    def _spawn(self, mode: str, payload: dict, *, stdin, stdout, stderr, fds: tuple[int, ...]) -> _Handle:
+        cgroup = uid = None
+        if mode != "unsafe" and self.cgroups.version:
+            cgroup = self.cgroups.create(self.memory_mb << 20, self.max_procs)
+        if mode != "unsafe" and self.uids is not None:
+            uid = self.uids.acquire()
+        job_fd = os.memfd_create("job", 0)
+        seccomp_r = None
+        try:
+            payload = dict(payload, lifeline=_lifeline(), limits=self._limits(mode))
+            if mode == "bwrap":
+                if self.seccomp:
+                    seccomp_r, w = os.pipe()
+                    os.write(w, self.seccomp)
+                    os.close(w)
+                argv = self._bwrap_argv(job_fd, seccomp_r, cgroup, uid)
+            elif mode == "unshare":
+                payload["jail"] = {"plan": self._plan(None), "stage": _stage_dir(_exposed_dirs()), "uid": uid,
+                                   "cgroups": cgroup.procs_files if cgroup else [],
+                                   "seccomp": self.seccomp.hex() if self.seccomp else None}
+                argv = ["setpriv", "--pdeathsig=KILL", "--", "unshare", "--fork", "--pid", "--mount", "--net", "--ipc",
+                        "--uts", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _owner_tag()]
+            else:
+                payload["cwd"] = tempfile.mkdtemp(prefix="dllm-sbx-")
+                argv = [self.python, "-I", "-S", HARNESS, str(job_fd), _owner_tag()]
+            os.write(job_fd, json.dumps(payload).encode())
+            os.lseek(job_fd, 0, os.SEEK_SET)
+            extra = tuple(f for f in (seccomp_r,) if f is not None)
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self._env(), cwd="/",
+                                    pass_fds=(job_fd, _lifeline(), *fds, *extra), start_new_session=True,
+                                    close_fds=True)
+        except BaseException:
+            if cgroup:
+                self.cgroups.release(cgroup)
+            if uid is not None:
+                self.uids.release(uid)
+            raise
+        finally:
+            os.close(job_fd)
+            if seccomp_r is not None:
+                os.close(seccomp_r)
+        return _Handle(proc, cgroup, uid, payload.get("cwd"))
+
+    def _limits(self, mode: str) -> dict:
+        nproc = self.max_procs if mode != "unsafe" else _nproc_limit(self.max_procs)
+        return {"cpu_s": int(math.ceil(self.timeout_s)) + 1, "as_bytes": self.memory_mb << 20,
+                "fsize": self.max_file_mb << 20, "nofile": 256, "nproc": nproc, "core": 0, "msgqueue": 0,
+                "memlock": 1 << 16}
+
+    def _finish(self, h: _Handle) -> bool:
+        """SIGKILL the sandbox and everything in it; wait until it is gone; free its cgroup and uid.
+        Returns whether the cgroup saw an OOM kill."""
+        kids = _descendants(h.proc.pid)
+        try:
+            os.killpg(h.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if h.cgroup:
+            h.cgroup.kill()
+        h.proc.wait()
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline:
+            left = [k for k in kids if _alive(k)] + ([p for p in h.cgroup.pids() if _alive(p)] if h.cgroup else [])
+            if not left:
+                break
+            for k in left:
+                try:
+                    os.kill(k, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.002)
+        else:
+            log.warning("sandbox processes still alive 5 s after SIGKILL: %s", left)
+        oom = False
+        if h.cgroup:
+            oom = h.cgroup.oom_killed()
+            self.cgroups.release(h.cgroup)
+        if h.uid is not None and self.uids is not None:
+            self.uids.release(h.uid)
+        if h.tmpdir:
+            shutil.rmtree(h.tmpdir, ignore_errors=True)
+        return oom
+
     # -- running -----------------------------------------------------------------------------
     def run(self, job: dict, *, stdin: bytes = b"", timeout_s: float | None = None, _mode: str | None = None) -> RunResult:
-        """Run one job: ``{"mode": "asserts", "code", "tests"}``, ``{"mode": "humaneval", "code", "test",
-        "entry_point"}`` or ``{"mode": "stdio", "code"}`` (with `stdin`)."""
+        """Run one job: ``{"mode": "asserts", "code", "tests"[, "setup"]}``, ``{"mode": "humaneval", "code",
+        "test", "entry_point"[, "setup"]}`` or ``{"mode": "stdio", "code"}`` (with `stdin`). ``setup`` is the
+        dataset's own code, run in the tests' sandbox before the tests (e.g. HumanEval's prompt)."""
         mode = _mode or self.mode
         timeout = float(timeout_s or self.timeout_s)
-        nonce = secrets.token_hex(16)
-        res_r, res_w = os.pipe()
-        out_r, out_w = os.pipe()
-        job_fd = os.memfd_create("job", 0)
-        in_fd = os.memfd_create("stdin", 0)
-        argv, setup = self._argv(mode, job_fd)
-        payload = dict(job, nonce=nonce, result_fd=res_w, setup=setup, cwd="/tmp" if mode != "unsafe" else None,
-                       limits={"cpu_s": int(timeout) + 1, "as_bytes": self.memory_mb << 20, "fsize": self.max_file_mb << 20,
-                               "nofile": 256, "nproc": _nproc_limit(self.max_procs), "core": 0})
-        cwd = None
-        if mode == "unsafe":
-            import tempfile
-
-            cwd = tempfile.mkdtemp(prefix="dllm-sbx-")
-            payload["cwd"] = cwd
-        os.write(job_fd, json.dumps(payload).encode())
-        os.lseek(job_fd, 0, os.SEEK_SET)
-        os.write(in_fd, stdin)
-        os.lseek(in_fd, 0, os.SEEK_SET)
         t0 = time.monotonic()
-        try:
-            proc = subprocess.Popen(argv, stdin=in_fd, stdout=out_w, stderr=subprocess.DEVNULL if job["mode"] == "stdio" else out_w, pass_fds=(job_fd, res_w),
-                                    env=self._env(), start_new_session=True, close_fds=True)
-        finally:
-            for fd in (res_w, out_w, job_fd, in_fd):
-                os.close(fd)
         result = RunResult()
+        handles: list[_Handle] = []
+        out_r, out_w = os.pipe()
+        res_r = None
+        own: list[int] = [out_w]
+        try:
+            if job["mode"] == "stdio":
+                in_fd = os.memfd_create("stdin", 0)
+                own.append(in_fd)
+                os.write(in_fd, stdin)
+                os.lseek(in_fd, 0, os.SEEK_SET)
+                handles.append(self._spawn(mode, {"role": "stdio", "code": job["code"]}, stdin=in_fd, stdout=out_w,
+                                           stderr=subprocess.DEVNULL, fds=()))
+            else:
+                c_r, t_w = os.pipe()
+                t_r, c_w = os.pipe()
+                res_r, res_w = os.pipe()
+                own += [c_r, t_w, t_r, c_w, res_w]
+                handles.append(self._spawn(mode, {"role": "candidate", "code": job["code"], "rfd": c_r, "wfd": c_w},
+                                           stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w, fds=(c_r, c_w)))
+                tests = {k: job[k] for k in ("mode", "tests", "test", "entry_point", "setup") if k in job}
+                handles.append(self._spawn(mode, dict(tests, role="tests", rfd=t_r, wfd=t_w, result_fd=res_w),
+                                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, fds=(t_r, t_w, res_w)))
+            for fd in own:
+                os.close(fd)
+            own = []
+            res = self._collect(result, out_r, res_r, handles[-1].proc, t0, timeout)
+        finally:
+            for fd in own:
+                os.close(fd)
+            for h in handles:
+                result.oom |= self._finish(h)
+            os.close(out_r)
+            if res_r is not None:
+                os.close(res_r)
+        result.returncode = handles[-1].proc.returncode if handles else None
+        result.wall_s = time.monotonic() - t0
+        if job["mode"] != "stdio":
+            result.passed = _verdicts(res, 1 if job["mode"] == "humaneval" else len(job["tests"]))
+        return result
+
+    def _collect(self, result: RunResult, out_r: int, res_r: int | None, last: subprocess.Popen, t0: float,
+                 timeout: float) -> bytes:
+        """Read output (capped) and result lines until the result pipe (or, for stdio, the output)
+        closes, the deadline passes or the output cap is hit."""
         out, res = bytearray(), bytearray()
         total_out = 0
         sel = selectors.DefaultSelector()
         for fd in (out_r, res_r):
-            os.set_blocking(fd, False)
-            sel.register(fd, selectors.EVENT_READ)
+            if fd is not None:
+                os.set_blocking(fd, False)
+                sel.register(fd, selectors.EVENT_READ)
+        done_fd = res_r if res_r is not None else out_r
         exited_at = None
         try:
-            while sel.get_map():
+            while done_fd in sel.get_map():
                 now = time.monotonic()
                 if now - t0 > timeout:
                     result.timed_out = True
                     break
                 if exited_at is not None and now - exited_at > 0.5:
-                    break  # pipes still held open: only possible in unsafe mode
+                    break  # a pipe still held open by a leftover process: stop waiting
                 for key, _ in sel.select(timeout=0.05):
                     try:
                         chunk = os.read(key.fd, 1 << 16)
@@ -237,24 +501,30 @@ class Sandbox:
                             out += chunk[: self.keep_output_bytes - len(out)]
                     else:
                         res += chunk
-                if total_out > self.max_output_bytes or len(res) > (64 << 20):
+                if total_out > self.max_output_bytes or len(res) > (16 << 20):
                     result.output_exceeded = True
                     break
-                if exited_at is None and proc.poll() is not None:
+                if exited_at is None and last.poll() is not None:
                     exited_at = time.monotonic()
         finally:
-            _kill_group(proc)
             sel.close()
-            os.close(out_r)
-            os.close(res_r)
-            if cwd:
-                shutil.rmtree(cwd, ignore_errors=True)
-        result.returncode = proc.returncode
-        result.wall_s = time.monotonic() - t0
         result.stdout = bytes(out)
-        if job["mode"] != "stdio":
-            result.passed = _verdicts(job, bytes(res), nonce)
-        return result
+        return bytes(res)
+
+
+def _verdicts(raw: bytes, n: int) -> list[bool]:
+    """Per test: exactly one well-formed line from the tests' sandbox saying it passed."""
+    seen: dict[int, bool | None] = {}
+    for line in raw.split(b"\n"):
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if type(rec) is not dict or type(rec.get("t")) is not int or not 0 <= rec["t"] < n:
+            continue
+        t = rec["t"]
+        seen[t] = None if t in seen else rec.get("ok") is True
+    return [seen.get(i) is True for i in range(n)]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -285,66 +555,44 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL the run's process group and every descendant (bwrap's sandboxed child leaves our
-    session), then wait until none is left, so no process outlives the call."""
-    kids = _descendants(proc.pid)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for k in kids:
-        try:
-            os.kill(k, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL is not ignorable
-        proc.kill()
-        proc.wait()
-    deadline = time.monotonic() + 5.0
-    while any(_alive(k) for k in kids) and time.monotonic() < deadline:
-        time.sleep(0.005)
+_SHARED: dict[str, object] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def _cgroups() -> Cgroups:
+    with _SHARED_LOCK:
+        if "cgroups" not in _SHARED:
+            _SHARED["cgroups"] = Cgroups.detect()
+        return _SHARED["cgroups"]  # type: ignore[return-value]
+
+
+def _bwrap_help() -> str:
+    with _SHARED_LOCK:
+        if "bwrap_help" not in _SHARED:
+            _SHARED["bwrap_help"] = subprocess.run(["bwrap", "--help"], capture_output=True, text=True).stdout
+        return _SHARED["bwrap_help"]  # type: ignore[return-value]
+
+
+def _uids() -> _Uids:
+    with _SHARED_LOCK:
+        if "uids" not in _SHARED:
+            _SHARED["uids"] = _Uids()
+        return _SHARED["uids"]  # type: ignore[return-value]
 
 
 _NPROC_BASE: list[int] = []
 
 
 def _nproc_limit(extra: int) -> int:
-    """RLIMIT_NPROC counts all processes of the (mapped) uid on the host, so allow what is running
-    now plus `extra` (counted once per process)."""
+    """Unsafe mode only: RLIMIT_NPROC counts every process of the trainer's uid, so allow what is
+    running now plus `extra`."""
     if not _NPROC_BASE:
-        uid = os.getuid()
-        n = 0
+        uid, n = os.getuid(), 0
         for p in os.listdir("/proc"):
             if p.isdigit():
                 try:
-                    if os.stat(f"/proc/{p}").st_uid == uid:
-                        n += 1
+                    n += os.stat(f"/proc/{p}").st_uid == uid
                 except OSError:
                     pass
         _NPROC_BASE.append(n)
     return _NPROC_BASE[0] + extra
-
-
-def _verdicts(job: dict, raw: bytes, nonce: str) -> list[bool]:
-    """Per-test pass/fail from the nonce-tagged records, recomputing every comparison."""
-    n = 1 if job["mode"] == "humaneval" else len(job["tests"])
-    need = [1] * n if job["mode"] == "humaneval" else [_harness.count_asserts(t) for t in job["tests"]]
-    prefix = nonce.encode() + b" "
-    records: dict[int, dict | None] = {}
-    for line in raw.split(b"\n"):
-        if not line.startswith(prefix):
-            continue
-        try:
-            rec = json.loads(line[len(prefix):])
-        except ValueError:
-            continue
-        if type(rec) is not dict or "t" not in rec:
-            continue
-        t = rec["t"]
-        if type(t) is not int or not 0 <= t < n:
-            continue
-        records[t] = None if t in records else rec  # a duplicate makes the test fail
-    return [records.get(i) is not None and _harness.verify_record(records[i], need[i]) for i in range(n)]

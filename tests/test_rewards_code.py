@@ -1,11 +1,17 @@
-"""Code reward: HumanEval canonical solutions (real data) and MBPP-style assert tests."""
+"""Code reward: HumanEval canonical solutions (real data), MBPP-style assert tests, and bad input
+(programmer errors raise one ValueError naming the argument; a malformed sample scores 0 with one
+log line)."""
 
 import json
 
 import pytest
 
+from helpers.sandbox import MODES, code_reward
 from rewards import get_reward
 from rewards.code import extract_code
+
+GOOD = "```python\ndef is_even(n):\n    return n % 2 == 0\n```"
+TESTS = ["assert is_even(2) == True", "assert is_even(3) == False"]
 
 
 def _humaneval(shared_data):
@@ -14,9 +20,10 @@ def _humaneval(shared_data):
     return rows
 
 
-def _check_humaneval(rows):
-    fn = get_reward("code", pool_size=2, timeout_s=10.0)
+def _check_humaneval(fn, rows, with_prompt: bool):
     cols = {"test": [r["test"] for r in rows], "entry_point": [r["entry_point"] for r in rows]}
+    if with_prompt:
+        cols["code_prompt"] = [r["prompt"] for r in rows]
     solved = ["```python\n" + r["prompt"] + r["canonical_solution"] + "\n```" for r in rows]
     bare = ["```python\n" + r["prompt"] + "\n```" for r in rows]
     scores = fn([r["prompt"] for r in rows], solved, **cols)
@@ -25,13 +32,30 @@ def _check_humaneval(rows):
     assert [r["task_id"] for r, s in zip(rows, scores) if s != 0.0] == []
 
 
-def test_humaneval_fast_subset(shared_data):
-    _check_humaneval(_humaneval(shared_data)[::8])
+def test_humaneval_all_164_default_sandbox(shared_data):
+    _check_humaneval(get_reward("code", pool_size=2, timeout_s=10.0), _humaneval(shared_data), with_prompt=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_humaneval_subset_each_backend(shared_data, mode):
+    _check_humaneval(code_reward(mode, pool_size=2, timeout_s=10.0), _humaneval(shared_data)[3::8], with_prompt=False)
 
 
 @pytest.mark.slow
-def test_humaneval_all_164(shared_data):
-    _check_humaneval(_humaneval(shared_data))
+@pytest.mark.parametrize("mode", MODES)
+def test_humaneval_all_164_each_backend(shared_data, mode):
+    _check_humaneval(code_reward(mode, pool_size=2, timeout_s=10.0), _humaneval(shared_data), with_prompt=True)
+
+
+def test_dataset_helpers_win_over_the_candidates(shared_data):
+    """HumanEval/32's test checks ``poly(coeffs, candidate(coeffs))``: a candidate that redefines
+    ``poly`` to return 0 passes only when the reward is not given the dataset's prompt."""
+    row = _humaneval(shared_data)[32]
+    cheat = "```python\n" + row["prompt"] + "    return 0.0\n\ndef poly(xs, x):\n    return 0.0\n```"
+    fn = get_reward("code", pool_size=2, timeout_s=10.0)
+    cols = {"test": [row["test"]], "entry_point": [row["entry_point"]]}
+    assert fn([""], [cheat], **cols) == [1.0]  # without the prompt the test can only use the candidate's poly
+    assert fn([""], [cheat], code_prompt=[row["prompt"]], **cols) == [0.0]
 
 
 def test_extract_code_takes_last_python_block():
@@ -41,14 +65,81 @@ def test_extract_code_takes_last_python_block():
     assert extract_code("no code") is None
 
 
-def test_mbpp_style_fraction_and_column_errors():
+def test_mbpp_style_fraction_mutation_and_setup():
     fn = get_reward("code", pool_size=2, timeout_s=5.0)
     tests = ["assert is_even(2) == True", "assert is_even(3) == False", "x = [3, 1]\nassert sorted_copy(x) == [1, 3]\nassert x == [3, 1]",
              "assert is_even(10) is True"]
     good = "```python\ndef is_even(n):\n    return n % 2 == 0\n\ndef sorted_copy(x):\n    return sorted(x)\n```"
     half = "```python\ndef is_even(n):\n    return True\n\ndef sorted_copy(x):\n    x.sort()\n    return x\n```"
     assert fn(["", ""], [good, half], tests=[tests, tests]) == [1.0, 0.5]
-    with pytest.raises(ValueError, match="row 0"):
-        fn([""], [good])
-    with pytest.raises(ValueError, match="'tests' row 0"):
-        fn([""], [good], tests=["assert True"])
+    # in-place changes to arguments are seen by the tests; setup code runs with the tests
+    inplace = "```python\ndef sort_in_place(x):\n    x.sort()\n\ndef add_key(d):\n    d['k'] = 1\n```"
+    t2 = ["v = [2, 1]\nsort_in_place(v)\nassert v == [1, 2]", "d = {}\nadd_key(d)\nassert d == {'k': 1}",
+          "assert math.isclose(SCALE * 2, 5.0)"]
+    assert fn([""], [inplace], tests=[t2], test_setup_code=["import math\nSCALE = 2.5"]) == [1.0]
+
+
+def test_classes_generators_and_callbacks():
+    """Candidate objects stay in the candidate's process: the tests call their methods, iterate
+    generators and pass their own functions in."""
+    code = ("```python\nclass Stack:\n    def __init__(self):\n        self.items = []\n"
+            "    def push(self, x):\n        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n"
+            "def evens(n):\n    for i in range(n):\n        if i % 2 == 0:\n            yield i\n"
+            "def apply_all(fn, xs):\n    return [fn(x) for x in xs]\n"
+            "def raises(x):\n    raise ValueError('bad ' + str(x))\n```")
+    tests = ["s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2 and s.items == [1]",
+             "assert list(evens(7)) == [0, 2, 4, 6]",
+             "assert apply_all(lambda v: v * 10, [1, 2]) == [10, 20]",
+             "try:\n    raises(3)\n    assert False\nexcept ValueError as e:\n    assert 'bad 3' in str(e)"]
+    fn = get_reward("code", pool_size=2, timeout_s=5.0)
+    assert fn([""], [code], tests=[tests]) == [1.0]
+
+
+# -- bad input -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reward():
+    return code_reward("bwrap", pool_size=2, timeout_s=5.0)
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda fn: fn([""], GOOD, tests=[TESTS]), "completions"),
+    (lambda fn: fn("", [GOOD], tests=[TESTS]), "prompts"),
+    (lambda fn: fn(["", ""], [GOOD], tests=[TESTS]), "prompts"),
+    (lambda fn: fn(["", ""], [GOOD, GOOD], tests=[TESTS]), "'tests'"),
+    (lambda fn: fn([""], [GOOD], tests="assert True"), "'tests'"),
+    (lambda fn: fn([""], [GOOD], tests=[TESTS], test_setup_code="x = 1"), "'test_setup_code'"),
+    (lambda fn: fn([""], [GOOD], inputs=[["1"]], outputs=[["1"], ["2"]]), "'outputs'"),
+    (lambda fn: fn([""], [GOOD]), "needs column"),
+    (lambda fn: fn([""], [GOOD], answer=["4"]), "needs column"),
+])
+def test_programmer_errors_raise_one_value_error(reward, call, name):
+    with pytest.raises(ValueError, match=name):
+        call(reward)
+
+
+@pytest.mark.parametrize("option, value", [("timeout_s", 0), ("timeout_s", -1.0), ("timeout_s", float("inf")),
+                                           ("memory_mb", 0), ("pool_size", 0), ("pool_size", 1.5)])
+def test_bad_options_name_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        get_reward("code", **{option: value})
+
+
+def test_malformed_samples_score_zero_with_one_log_line(reward, caplog):
+    comps = [None, 7, b"```python\nx = 1\n```", GOOD, GOOD, GOOD, GOOD, "```python\nprint(1)\n```",
+             "```python\nprint(1)\n```", "```python\nprint(1)\n```", GOOD]
+    cols = {
+        "tests": [TESTS, TESTS, TESTS, TESTS, 5, [1, 2], None, None, None, None, None],
+        "test": [None] * 6 + ["def check(c):\n    assert c(2)\n", None, None, None, None],
+        "entry_point": [None] * 6 + [None, None, None, None, None],
+        "inputs": [None] * 7 + [["\ud800"], ["1"], "1", None],
+        "outputs": [None] * 7 + [["1"], ["\udfff"], ["1"], None],
+    }
+    with caplog.at_level("WARNING", logger="rewards"):
+        scores = reward([""] * len(comps), comps, **cols)
+    assert scores == [0.0, 0.0, 0.0, 1.0] + [0.0] * 7
+    lines = [r.getMessage() for r in caplog.records if r.name == "rewards" and "scored 0" in r.getMessage()]
+    bad = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
+    assert sorted(int(m.split("sample ")[1].split(" ")[0].rstrip(":")) for m in lines) == bad
+    assert all("Traceback" not in m for m in lines)
