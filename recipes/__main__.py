@@ -7,7 +7,8 @@
     dllm-rl --cfg [overrides]                # print the composed config and exit
     dllm-rl --help
 
-A bad config exits with status 2 and one line on stderr, before anything heavy is imported.
+A bad config or bad data (an override, a file, a split the recipe needs, prompts longer than the
+model's positions) exits with status 2 and one line on stderr, before any training starts.
 """
 
 from __future__ import annotations
@@ -56,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from recipes.pipeline import run  # heavy imports (torch, deepspeed) start here
+    from rl.tasks import DataError
 
-    run(cfg, overrides=overrides)
+    try:
+        run(cfg, overrides=overrides)
+    except (ConfigError, DataError) as e:
+        kind = "data" if isinstance(e, DataError) else "config"
+        print(f"dllm-rl: {kind} error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -1,8 +1,8 @@
-"""Compose, type-check and validate the run config (Hydra compose API; no torch import here).
+"""Compose, type-check and validate the run config (Hydra compose API).
 
 ``load_config(overrides)`` is the whole validation path: a typo'd key, a wrong type, an unknown
-group option or a value outside its allowed set raises :class:`ConfigError` with one line that
-names the key and what is allowed.
+group option, bad override syntax, or a value the dataclasses' ``__post_init__`` checks reject
+raises :class:`ConfigError` with one line that names the key and what is allowed.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import re
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from recipes.schema import CONFIG_DIR, ConfigError, RunConfig, register, validate
+from recipes.schema import CONFIG_DIR, ConfigError, RunConfig, register
 
 GROUPS = ("model", "task", "rollout", "recipe", "experiment", "trainer@sft", "trainer@rl")
 
@@ -49,12 +49,33 @@ def _reject_extra_keys(node: DictConfig, prefix: str = "") -> None:
             _reject_extra_keys(child, f"{prefix}{k}.")
 
 
+def _failing_key(node: DictConfig, prefix: str = "") -> str:
+    """The dotted key of the deepest structured node whose dataclass rejects its values."""
+    for k in node.keys():
+        child = node._get_node(k)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_interpolation() \
+                and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+            try:
+                OmegaConf.to_object(child)
+            except OmegaConfBaseException:
+                raise
+            except ValueError:
+                return _failing_key(child, f"{prefix}{k}.")
+    return prefix
+
+
 def to_run_config(cfg: DictConfig) -> RunConfig:
-    """Resolve interpolations and build the dataclasses (types checked by OmegaConf)."""
+    """Resolve interpolations and build the dataclasses: OmegaConf checks types, their
+    ``__post_init__`` checks values (the error is prefixed with the key of the failing node)."""
     _reject_extra_keys(cfg)
-    obj = OmegaConf.to_object(cfg)
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"{_failing_key(cfg)}{_first_line(str(e))}") from e
     assert isinstance(obj, RunConfig)
-    return validate(obj)
+    return obj
 
 
 # Free-form dict fields: their entries may be set without Hydra's "+" (model.tiny.hidden_size=64).
@@ -68,12 +89,17 @@ def _open_dict_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     the dict instead of merging into it: it is returned separately and set after composition."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra.errors import OverrideParseException
+
     out, replace = [], {}
     for o in overrides:
         key = o.split("=", 1)[0]
         if "=" in o and not key.startswith(("+", "~")):
             if key in OPEN_DICTS:
-                replace[key] = OverridesParser.create().parse_overrides([o])[0].value()
+                try:
+                    replace[key] = OverridesParser.create().parse_overrides([o])[0].value()
+                except OverrideParseException as e:
+                    raise ConfigError(f"{o}: bad override syntax ({_first_line(str(e))})") from None
                 continue
             if any(key.startswith(d + ".") for d in OPEN_DICTS):
                 o = "++" + o
@@ -143,8 +169,10 @@ def _first_line(text: str) -> str:
 
 def explain(e: BaseException, overrides=()) -> str:
     """Turn a Hydra/OmegaConf exception into one line naming the key and what is allowed."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
 
+    if isinstance(e, OverrideParseException):
+        return f"bad override syntax: {_first_line(str(e))}"
     if isinstance(e, MissingConfigException) or "Could not find '" in str(e):
         missing = getattr(e, "missing_cfg_file", None) or ""
         text = str(e)
@@ -172,4 +200,5 @@ def explain(e: BaseException, overrides=()) -> str:
         if "Missing mandatory value" in msg:
             return f"{key}: required value is missing (set {key}=...)"
         return f"{key}: {msg}" if key else msg
-    return _first_line(str(cause) or str(e))
+    msg = _first_line(str(cause) or str(e))
+    return msg if msg not in ("", "None") else f"{type(cause).__name__}: {cause!r}"

@@ -55,9 +55,7 @@ def evaluate_rows(model, task: Task, rows: list[dict], ro: RolloutOptions, *, ba
     correct, reward = 0, 0.0
     if mine:
         correct = sum(task.correct(mine, texts))
-        columns = {k: [r.get(k) for r in mine] for k in mine[0] if k not in ("prompt", "response")}
-        prompts = [r["prompt"] if isinstance(r["prompt"], str) else r["prompt"][-1]["content"] for r in mine]
-        reward = float(sum(task.reward_fn()(prompts, texts, **columns).total))
+        reward = float(sum(task.score(mine, texts).total))  # the training reward, called as in training
     batches = -(-len(mine) // batch_size)
     stats = torch.tensor([correct, len(mine), reward, passes, batches], dtype=torch.float64)
     if world > 1:

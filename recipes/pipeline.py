@@ -25,13 +25,15 @@ import torch
 
 from recipes import report
 from recipes.evaluation import eval_rollouts, evaluate_rows, write_results
-from recipes.schema import RunConfig, TaskConfig
+from recipes.preflight import check_eval, check_training
+from recipes.schema import RECIPES, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, TaskConfig, UnmaskOrderConfig
 from rl.tasks import Task, build_task
+from rl.tracking import run_context
 from rollout import PolicyAdapter, build_tiny_policy
 
 STAGE_DIRS = {"sft": "sft", "rl": "rl"}
 OWNED_OUTPUTS = ("sft", "rl", "final", "metrics.jsonl", "summary.json", "reward_curve.png", "results.md",
-                 "results.json")
+                 "results.json", "wandb_group.txt")
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -190,8 +192,9 @@ def _finish_stage(cfg: RunConfig, task: Task, stage_dir: Path, last: dict, secon
 
 
 STAGES = {"sft": run_sft, "grpo": run_grpo, "dpo": run_dpo, "unmask_order": run_unmask_order}
-PIPELINES = {"sft": [("sft", "sft")], "grpo": [("rl", "grpo")], "dpo": [("rl", "dpo")],
-             "unmask_order": [("rl", "unmask_order")], "sft_then_grpo": [("sft", "sft"), ("rl", "grpo")]}
+# the stage each trainer config runs; PIPELINES follows the recipe registry (recipes.schema.RECIPES)
+STAGE_OF = {SFTConfig: "sft", DiffuGRPOConfig: "grpo", DPOConfig: "dpo", UnmaskOrderConfig: "unmask_order"}
+PIPELINES = {name: [(key, STAGE_OF[cls]) for key, cls in stages] for name, stages in RECIPES.items() if stages}
 
 
 # ---- entry points --------------------------------------------------------------------------------
@@ -217,9 +220,11 @@ def run_training(cfg: RunConfig, overrides: list[str] | None = None) -> dict:
     from rl.engine import init_distributed
 
     init_distributed()
+    task = build_task(cfg.task)
+    check_training(cfg, task, _world_size())
     run_dir = prepare_run_dir(cfg)
     _barrier()
-    task = build_task(cfg.task)
+    group = wandb_group(cfg, run_dir)
     t0 = time.perf_counter()
     summary: dict = {"recipe": cfg.recipe.name, "task": task.name, "model": cfg.model.name, "seed": cfg.seed,
                      "overrides": list(overrides or [])}
@@ -227,7 +232,8 @@ def run_training(cfg: RunConfig, overrides: list[str] | None = None) -> dict:
     for key, stage in PIPELINES[cfg.recipe.name]:
         if _is_main():
             print(f"[dllm-rl] stage {key} ({stage}) -> {run_dir / STAGE_DIRS[key]}", flush=True)
-        summary[key] = STAGES[stage](cfg, task, run_dir, init)
+        with run_context(name=cfg.run_name, group=group, job_type=key, config=dataclasses.asdict(cfg)):
+            summary[key] = STAGES[stage](cfg, task, run_dir, init)
         init = Path(summary[key]["checkpoint"])
         if _is_main():
             report.merge_metrics(run_dir, [k for k, _ in PIPELINES[cfg.recipe.name] if k in summary])
@@ -254,13 +260,16 @@ def run_eval(cfg: RunConfig) -> list[dict]:
     init_distributed()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    policy = build_policy(cfg, cfg.eval.checkpoint).eval()
-    results = []
+    tasks = {}
     for name in cfg.eval.tasks:
-        task_cfg = cfg.task if name == cfg.task.name else load_task_config(name)
-        task = build_task(task_cfg)
+        task = build_task(cfg.task if name == cfg.task.name else load_task_config(name))
         rows = task.rows("test")
         rows = rows[:cfg.eval.num_examples] if cfg.eval.num_examples > 0 else rows
+        check_eval(cfg, task, rows)
+        tasks[name] = (task, rows)
+    policy = build_policy(cfg, cfg.eval.checkpoint).eval()
+    results = []
+    for name, (task, rows) in tasks.items():
         for mode, ro in eval_rollouts(cfg.rollout, list(cfg.eval.gen_lengths), cfg.eval.block_length,
                                       cfg.eval.steps_per_token, dict(cfg.eval.modes)):
             m = evaluate_rows(policy, task, rows, ro, batch_size=cfg.recipe.eval_batch_size, seed=cfg.seed, prefix="")
@@ -293,6 +302,23 @@ def run(cfg: RunConfig, overrides: list[str] | None = None):
     if cfg.recipe.name == "eval":
         return run_eval(cfg)
     return run_training(cfg, overrides)
+
+
+def wandb_group(cfg: RunConfig, run_dir: Path) -> str:
+    """One W&B group per pipeline: ``<run name>-<start time>``, kept in run_dir for a resumed run."""
+    path = run_dir / "wandb_group.txt"
+    if cfg.resume and path.exists():
+        return path.read_text().strip()
+    group = f"{cfg.run_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if _is_main():
+        path.write_text(group)
+    return group
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _barrier() -> None:

@@ -3,7 +3,9 @@
 The trainer sections reuse the dataclasses of :mod:`rl.config` (their defaults live there and
 nowhere else); this module only adds the run-level pieces (model, task, logger, recipe, eval)
 and registers everything in Hydra's ConfigStore, so a typo'd key or a wrong type fails while the
-config is composed, before any model is built. Nothing here imports torch.
+config is composed, before any model is built. Every dataclass checks its values in
+``__post_init__`` (ranges, registered names: tasks, rewards, recipes, estimators; each recipe
+stage's trainer type), so Python-API users get the same checks as the CLI.
 """
 
 from __future__ import annotations
@@ -14,23 +16,44 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from rl import config as rl_config
-from rl.config import DiffuGRPOConfig, RolloutOptions, SFTConfig, TrainerConfig
+from rl.config import (WANDB_MODES, ConfigError, DiffuGRPOConfig, DPOConfig, RolloutOptions, SFTConfig,  # noqa: F401
+                       TrainerConfig, UnmaskOrderConfig, check_choice, check_range, check_rewards)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
-RECIPES = ("sft", "grpo", "dpo", "unmask_order", "sft_then_grpo", "eval")
+# The recipe registry: name -> its stages in run order, each (config key, trainer config class).
+# The pipeline runs a stage by its class; configs/recipe/<name>.yaml exists for each (tested).
+RECIPES: dict[str, tuple[tuple[str, type[TrainerConfig]], ...]] = {
+    "sft": (("sft", SFTConfig),),
+    "grpo": (("rl", DiffuGRPOConfig),),
+    "dpo": (("rl", DPOConfig),),
+    "unmask_order": (("rl", UnmaskOrderConfig),),
+    "sft_then_grpo": (("sft", SFTConfig), ("rl", DiffuGRPOConfig)),
+    "eval": (),
+}
+# Trainer group options (configs/trainer/<option>.yaml extends <schema>_schema) -> their dataclass.
+TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {"sft": SFTConfig, "diffu_grpo": DiffuGRPOConfig, "dpo": DPOConfig,
+                                                   "unmask_order": UnmaskOrderConfig}
 MODEL_FAMILIES = ("tiny", "llada", "dream", "auto")
 # what rollout.tiny.build_tiny_model(**overrides) may change (arch + model config fields)
 TINY_MODEL_KEYS = ("arch", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "intermediate_size", "max_position_embeddings", "rope_theta", "hidden_act")
-TASKS = ("sudoku4", "countdown", "gsm8k", "math500", "humaneval", "local")
+
+
+def task_names() -> list[str]:
+    """The registered tasks (rl.tasks.TASKS; torch-free)."""
+    from rl.tasks import TASKS
+
+    return sorted(TASKS)
 
 
 @dataclass
 class WandbOptions:
     mode: str = "offline"  # offline | online | disabled
     project: str = "dllm-rl"
+
+    def __post_init__(self) -> None:
+        check_choice("mode", self.mode, WANDB_MODES)
 
 
 @dataclass
@@ -50,17 +73,28 @@ class ModelConfig:
     mask_token_id: int | None = None  # when the tokenizer does not name a mask token
     tiny: dict = field(default_factory=dict)  # overrides of rollout.tiny.TINY_MODEL_DEFAULTS
 
+    def __post_init__(self) -> None:
+        check_choice("family", self.family, MODEL_FAMILIES)
+        check_choice("dtype", self.dtype, ("float32", "bfloat16", "float16"))
+        for key in self.tiny:
+            check_choice("tiny key", key, TINY_MODEL_KEYS)
+        if self.family != "tiny" and not self.path:
+            raise ConfigError(f"path: required for family={self.family!r} (hub name or local dir)")
+
 
 @dataclass
 class TaskConfig:
-    """A task from :mod:`rl.tasks`: where its rows come from, how they split, how they score."""
+    """A task from :mod:`rl.tasks`: where its rows come from, how they split, how they score.
+
+    ``rewards`` / ``accuracy_reward`` left empty mean the task's registered defaults; each
+    configs/task/<name>.yaml states them, and the composed config holds exactly the file's."""
 
     name: str = "sudoku4"
-    path: str | None = None  # local file/folder or hub dataset name (real-data tasks)
+    path: str | None = None  # local file/folder or hub dataset name; None: $DLLM_RL_DATA/<task> or the hub
     hub_config: str | None = None  # the `name` argument of datasets.load_dataset
     columns: dict = field(default_factory=dict)  # task column -> file column (task=local)
-    rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})  # reward name -> weight (GRPO)
-    accuracy_reward: str = "sudoku"  # a reward whose value 1.0 means "solved" (eval/accuracy)
+    rewards: dict = field(default_factory=dict)  # reward name -> weight (GRPO); {} = the task's default
+    accuracy_reward: str = ""  # a reward whose value 1.0 means "solved" (eval/accuracy); "" = the task's
     prompt_style: str = "minimal"  # minimal (tiny model) | instruct (real models: d1's format)
     split_seed: int = 1234  # fixes every split, independent of the run seed
     num_sft: int = 256  # labelled rows for the SFT stage (0 = all, for file tasks)
@@ -68,6 +102,24 @@ class TaskConfig:
     num_val: int = 128  # model selection during training
     num_test: int = 256  # held-out test set (eval/accuracy); never used for selection
     sft_response_pad: int = 0  # see SFTConfig.pad_response_to
+
+    def __post_init__(self) -> None:
+        from rewards.registry import check_reward_name
+        from rl.tasks import PROMPT_STYLES
+
+        check_choice("name", self.name, task_names())
+        check_choice("prompt_style", self.prompt_style, PROMPT_STYLES)
+        check_rewards("rewards", self.rewards)
+        if self.accuracy_reward:
+            try:
+                check_reward_name(self.accuracy_reward)
+            except KeyError as e:
+                raise ConfigError(f"accuracy_reward: {e.args[0]}") from None
+        for key, col in self.columns.items():
+            if not isinstance(col, str):
+                raise ConfigError(f"columns.{key}={col!r}: expected the name of a column in the data")
+        for name in ("num_sft", "num_rl", "num_val", "num_test", "sft_response_pad"):
+            check_range(name, getattr(self, name), low=0)
 
 
 @dataclass
@@ -81,6 +133,13 @@ class RecipeConfig:
     pair_samples: int = 8
     pair_temperature: float = 1.0
 
+    def __post_init__(self) -> None:
+        check_choice("name", self.name, list(RECIPES))
+        check_range("eval_batch_size", self.eval_batch_size, low=1)
+        check_range("pair_prompts", self.pair_prompts, low=0)
+        check_range("pair_samples", self.pair_samples, low=2)
+        check_range("pair_temperature", self.pair_temperature, low=0)
+
 
 @dataclass
 class EvalConfig:
@@ -93,6 +152,22 @@ class EvalConfig:
     steps_per_token: float = 0.5  # d1: steps = gen_length / 2
     num_examples: int = 0  # per task; 0 = the whole test split
     modes: dict = field(default_factory=lambda: {"baseline": {}})  # name -> rollout overrides
+
+    def __post_init__(self) -> None:
+        for t in self.tasks:
+            check_choice("tasks[]", t, task_names())
+        for n in self.gen_lengths:
+            check_range("gen_lengths[]", n, low=1)
+        check_range("block_length", self.block_length, low=1)
+        check_range("steps_per_token", self.steps_per_token, low=0, low_open=True)
+        check_range("num_examples", self.num_examples, low=0)
+        known = set(RolloutOptions.__dataclass_fields__)
+        for mode, overrides in self.modes.items():
+            if not hasattr(overrides, "items"):
+                raise ConfigError(f"modes.{mode}={overrides!r}: expected a dict of rollout options")
+            unknown = sorted(set(overrides) - known)
+            if unknown:
+                raise ConfigError(f"modes.{mode}: unknown rollout option(s) {unknown}; known: {sorted(known)}")
 
 
 @dataclass
@@ -113,87 +188,36 @@ class RunConfig:
     sft: Any = None  # an SFTConfig (trainer@sft group)
     rl: Any = None  # a DiffuGRPOConfig / DPO / unmasking-order config (trainer@rl group)
 
+    def __post_init__(self) -> None:
+        check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        check_range("threads", self.threads, low=0)
+        for key, cls in RECIPES[self.recipe.name]:
+            stage = getattr(self, key)
+            if not isinstance(stage, cls):
+                options = [o for o, c in TRAINER_SCHEMAS.items() if c is cls]
+                got = "no trainer" if stage is None else f"a {type(stage).__name__}"
+                raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
+                                  f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
 
-def trainer_schemas() -> dict[str, type]:
-    """Trainer group option -> its dataclass. DPO / unmasking-order configs are taken from
-    rl.config when they exist there; until then they validate against the shared base."""
-    return {
-        "sft": SFTConfig,
-        "diffu_grpo": DiffuGRPOConfig,
-        "dpo": getattr(rl_config, "DPOConfig", TrainerConfig),
-        "unmask_order": getattr(rl_config, "UnmaskOrderConfig", TrainerConfig),
-    }
+    @property
+    def run_name(self) -> str:
+        """``<recipe>-<task>-<model>-seed<S>``: the W&B run name (one group per pipeline)."""
+        return f"{self.recipe.name}-{self.task.name}-{self.model.name}-seed{self.seed}"
+
+
+def trainer_options(schemas: list[str]) -> list[str]:
+    """configs/trainer/*.yaml options that extend one of the given ``<schema>_schema`` nodes."""
+    out = []
+    for path in sorted((CONFIG_DIR / "trainer").glob("*.yaml")):
+        head = path.read_text().split("_self_", 1)[0]
+        if any(f"- {s}_schema" in head for s in schemas):
+            out.append(path.stem)
+    return out
 
 
 def register() -> None:
     """Put the schemas in Hydra's ConfigStore (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name, cls in trainer_schemas().items():
+    for name, cls in TRAINER_SCHEMAS.items():
         cs.store(group="trainer", name=f"{name}_schema", node=cls)
-
-
-# ---- checks that need more than a type ---------------------------------------------------------
-
-class ConfigError(ValueError):
-    """A config value that has the right type but is not allowed; the message names the key."""
-
-
-def _choice(key: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not allowed; expected one of: {', '.join(map(str, allowed))}")
-
-
-def deepspeed_names() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
-
-
-def _check_trainer(key: str, cfg) -> None:
-    if not isinstance(cfg, TrainerConfig):
-        raise ConfigError(f"{key}: no trainer selected (set trainer@{key}=<one of {', '.join(trainer_schemas())}>)")
-    _choice(f"{key}.lr_scheduler", cfg.lr_scheduler, ("constant", "cosine"))
-    ds = cfg.deepspeed
-    if not (ds.endswith(".json") or Path(ds).exists()):
-        _choice(f"{key}.deepspeed", ds, deepspeed_names() or ["<configs/deepspeed/*.json>"])
-    for name in ("max_steps", "per_device_batch_size"):
-        if getattr(cfg, name) < 1:
-            raise ConfigError(f"{key}.{name}={getattr(cfg, name)} must be >= 1")
-    if cfg.lr <= 0:
-        raise ConfigError(f"{key}.lr={cfg.lr} must be > 0")
-    if isinstance(cfg, DiffuGRPOConfig):
-        if cfg.num_generations < 2:
-            raise ConfigError(f"{key}.num_generations={cfg.num_generations} must be >= 2 (group-relative advantages)")
-        _check_rollout(f"{key}.rollout", cfg.rollout)
-
-
-def _check_rollout(key: str, ro: RolloutOptions) -> None:
-    _choice(f"{key}.remasking", ro.remasking, ("low_confidence", "random"))
-    _choice(f"{key}.kv_cache", ro.kv_cache, (None, "prefix", "dual"))
-    if ro.gen_length < 1 or ro.block_length < 1 or ro.gen_length % ro.block_length:
-        raise ConfigError(f"{key}: gen_length={ro.gen_length} must be a positive multiple of block_length={ro.block_length}")
-    blocks = ro.gen_length // ro.block_length
-    if ro.steps < blocks or ro.steps % blocks:
-        raise ConfigError(f"{key}.steps={ro.steps} must be a positive multiple of the number of blocks ({blocks})")
-
-
-def validate(cfg: RunConfig) -> RunConfig:
-    """Value checks beyond types: closed choices, ranges, and the stages the recipe needs."""
-    _choice("recipe", cfg.recipe.name, RECIPES)
-    _choice("model.family", cfg.model.family, MODEL_FAMILIES)
-    _choice("model.dtype", cfg.model.dtype, ("float32", "bfloat16", "float16"))
-    _choice("task.name", cfg.task.name, TASKS)
-    _choice("task.prompt_style", cfg.task.prompt_style, ("minimal", "instruct"))
-    _choice("logger.wandb.mode", cfg.logger.wandb.mode, ("offline", "online", "disabled"))
-    _choice("device", cfg.device, ("auto", "cpu", "cuda"))
-    for key in cfg.model.tiny:
-        _choice("model.tiny key", key, TINY_MODEL_KEYS)
-    if cfg.model.family != "tiny" and not cfg.model.path:
-        raise ConfigError(f"model.path is required for model.family={cfg.model.family!r} (hub name or local dir)")
-    _check_rollout("rollout", cfg.rollout)
-    for t in cfg.eval.tasks:
-        _choice("eval.tasks[]", t, TASKS)
-    stages = {"sft": ("sft",), "grpo": ("rl",), "dpo": ("rl",), "unmask_order": ("rl",),
-              "sft_then_grpo": ("sft", "rl"), "eval": ()}[cfg.recipe.name]
-    for key in stages:
-        _check_trainer(key, getattr(cfg, key))
-    return cfg

@@ -1,8 +1,11 @@
 """Reward registry: names -> factories, user registration, and dotted-path lookup.
 
-A reward function has TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``.
+A reward function has TRL's signature ``fn(prompts, completions, **columns) -> list[float | None]``
+and is called with keywords, as TRL's GRPOTrainer calls it (see :mod:`rewards.compose`).
 Built-ins register a *factory* (``options -> fn``) so that stateful rewards (worker pools,
 sandboxes) are configured by `get_reward` options; plain functions get options bound as keywords.
+Built-ins work on text: registered with ``plain_text=True`` they receive chat completions
+(``[{"role": "assistant", "content": ...}]``) and chat prompts as their text.
 """
 
 from __future__ import annotations
@@ -12,22 +15,48 @@ import importlib
 from typing import Callable
 
 RewardFn = Callable[..., list]
-_REGISTRY: dict[str, tuple[Callable, bool]] = {}
+_REGISTRY: dict[str, tuple[Callable, bool, bool]] = {}
 
 
-def register_reward(name: str, *, factory: bool = False):
+def register_reward(name: str, *, factory: bool = False, plain_text: bool = False):
     """Decorator: register a reward function (or, with ``factory=True``, a ``(**options) -> fn``)
-    under `name`."""
+    under `name`; ``plain_text=True``: it is handed text prompts and completions (see module doc)."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"reward name must be a non-empty string, got {name!r}")
 
     def deco(obj):
         if name in _REGISTRY and _REGISTRY[name][0] is not obj:
             raise ValueError(f"reward {name!r} is already registered")
-        _REGISTRY[name] = (obj, factory)
+        _REGISTRY[name] = (obj, factory, plain_text)
         return obj
 
     return deco
+
+
+def prompt_text(prompt) -> str:
+    """Plain text of a prompt: a string as is; a chat (list of ``{"role", "content"}`` messages):
+    its last user message. The one helper for this (rl.data re-exports it)."""
+    if isinstance(prompt, str):
+        return prompt
+    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
+
+
+def completion_text(completion) -> str:
+    """Plain text of a completion: a string as is; TRL's chat form ``[{"role": "assistant",
+    "content": ...}]``: the content of its last message."""
+    if isinstance(completion, str):
+        return completion
+    return str(completion[-1]["content"]) if len(completion) else ""
+
+
+def plain_text(fn: RewardFn) -> RewardFn:
+    """``fn`` called with the text of chat prompts / completions (strings pass through)."""
+    def wrapped(prompts, completions, **columns):
+        return fn([prompt_text(p) for p in prompts], [completion_text(c) for c in completions], **columns)
+
+    functools.update_wrapper(wrapped, fn, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+    wrapped.handles_timeouts = getattr(fn, "handles_timeouts", False)
+    return wrapped
 
 
 def require_columns(reward: str, columns: dict, keys: tuple[str, ...], n: int) -> None:
@@ -41,6 +70,16 @@ def require_columns(reward: str, columns: dict, keys: tuple[str, ...], n: int) -
 
 def registered_rewards() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def check_reward_name(name: str) -> None:
+    """KeyError (one line) unless `name` is registered or an importable ``pkg.module:fn``; builds nothing."""
+    if not isinstance(name, str) or not name:
+        raise KeyError(f"reward names must be non-empty strings, got {name!r}")
+    if name not in _REGISTRY:
+        obj = _import_path(name)
+        if not callable(obj):
+            raise KeyError(f"reward {name!r} resolves to a non-callable {type(obj).__name__}")
 
 
 def _import_path(path: str):
@@ -64,16 +103,14 @@ def _import_path(path: str):
 def get_reward(name: str, **options) -> RewardFn:
     """The reward function registered as `name` (or importable as ``pkg.module:fn`` /
     ``pkg.module.fn``), configured with `options`."""
-    if name in _REGISTRY:
-        obj, is_factory = _REGISTRY[name]
-    else:
-        obj, is_factory = _import_path(name), False
+    obj, is_factory, text = _REGISTRY[name] if name in _REGISTRY else (_import_path(name), False, False)
     if not callable(obj):
         raise TypeError(f"reward {name!r} resolves to a non-callable {type(obj).__name__}")
     if is_factory:
-        return obj(**options)
-    if not options:
-        return obj
-    fn = functools.partial(obj, **options)
-    functools.update_wrapper(fn, obj)
-    return fn
+        fn = obj(**options)
+    elif not options:
+        fn = obj
+    else:
+        fn = functools.partial(obj, **options)
+        functools.update_wrapper(fn, obj)
+    return plain_text(fn) if text else fn

@@ -1,10 +1,82 @@
 """One config dataclass per trainer (TRL style). Hydra's structured configs in ``recipes/`` are
-built from these classes; defaults live here and nowhere else."""
+built from these classes; defaults live here and nowhere else.
+
+Every class checks its values in ``__post_init__`` (ranges, closed choices, names against the
+registries that define them: rewards, estimators, sampler remasking), so a Python-API user gets
+the same one-line :class:`ConfigError` as the CLI. Messages start with the field name
+(``lr=-1.0: must be > 0``); the CLI prefixes the config key (``rl.lr=-1.0: ...``).
+
+Batch sizes: ``per_device_batch_size`` (SFT, DPO) counts dataset rows, as TRL's
+``per_device_train_batch_size`` does; the GRPO-style trainers count *prompts* per device and
+step with ``per_device_prompts`` (TRL's GRPO batch counts completions = prompts x G), so that
+a TRL config cannot be ported with the wrong meaning (README, "Coming from TRL").
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+LR_SCHEDULERS = ("constant", "cosine")
+WANDB_MODES = ("online", "offline", "disabled")
+KV_CACHES = ("prefix", "dual")
+
+
+class ConfigError(ValueError):
+    """A config value that is not allowed; the message is one line naming the key."""
+
+
+# ---- checks --------------------------------------------------------------------------------------
+
+def check_range(name: str, value, *, low=None, high=None, low_open: bool = False, high_open: bool = False) -> None:
+    """``value`` is a finite number within [low, high] (``*_open``: the bound itself excluded)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{name}={value!r}: must be a finite number")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ConfigError(f"{name}={value}: must be {'>' if low_open else '>='} {low}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ConfigError(f"{name}={value}: must be {'<' if high_open else '<='} {high}")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{name}={value!r}: not allowed; expected one of: {', '.join(map(str, allowed))}")
+
+
+def check_rewards(name: str, spec) -> None:
+    """``{reward name: weight or {weight: w, **options}}``: every name registered (or an importable
+    ``pkg.module:fn``), every weight a finite number."""
+    from rewards.registry import check_reward_name
+
+    if not hasattr(spec, "items"):
+        raise ConfigError(f"{name}={spec!r}: expected a dict {{reward name: weight}}")
+    for reward, weight in spec.items():
+        try:
+            check_reward_name(reward)
+        except KeyError as e:
+            raise ConfigError(f"{name}: {e.args[0]}") from None
+        w = weight.get("weight", 1.0) if hasattr(weight, "get") else weight
+        check_range(f"{name}.{reward}", w)
+
+
+def check_estimator(name: str, estimator: str, options: dict, **extra) -> None:
+    """A registered estimator (rl.estimators.ESTIMATORS) that accepts ``options``."""
+    from rl.estimators import ESTIMATORS, get_estimator
+
+    check_choice(f"{name}estimator", estimator, sorted(ESTIMATORS))
+    try:
+        get_estimator(estimator, **{**dict(options), **extra})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{name}estimator_options={dict(options)}: {e}") from None
+
+
+def deepspeed_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "deepspeed").glob("*.json"))
+
+
+# ---- configs -------------------------------------------------------------------------------------
 
 @dataclass
 class LoraOptions:
@@ -16,6 +88,11 @@ class LoraOptions:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+
+    def __post_init__(self) -> None:
+        check_range("lora.r", self.r, low=1)
+        check_range("lora.alpha", self.alpha, low=0, low_open=True)
+        check_range("lora.dropout", self.dropout, low=0, high=1, high_open=True)
 
 
 @dataclass
@@ -33,6 +110,24 @@ class RolloutOptions:
     fill_after_eos: bool = False
     kv_cache: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length:
+            raise ConfigError(f"gen_length={self.gen_length}: must be a positive multiple of "
+                              f"block_length={self.block_length}")
+        blocks = self.gen_length // self.block_length
+        if self.steps < blocks or self.steps % blocks:
+            raise ConfigError(f"steps={self.steps}: must be a positive multiple of the number of blocks ({blocks})")
+        check_range("temperature", self.temperature, low=0)
+        check_range("cfg_scale", self.cfg_scale, low=0)
+        for name in ("threshold", "early_commit"):
+            if getattr(self, name) is not None:
+                check_range(name, getattr(self, name), low=0, high=1, low_open=True)
+        check_choice("kv_cache", self.kv_cache, (None, *KV_CACHES))
+        if self.remasking != "low_confidence":  # the default is registered (tested); others: ask the sampler
+            from rollout.remasking import REMASKING  # imports torch: only for a non-default value
+
+            check_choice("remasking", self.remasking, REMASKING)
+
 
 @dataclass
 class TrainerConfig:
@@ -46,7 +141,6 @@ class TrainerConfig:
     adam_betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
     lr_scheduler: str = "constant"  # "constant" | "cosine" (after warmup)
-    per_device_batch_size: int = 8
     micro_batch_size: int = 0  # rows per forward/backward; 0 = whole local batch
     max_grad_norm: float = 1.0
     bf16: bool = False
@@ -62,34 +156,97 @@ class TrainerConfig:
     wandb_project: str = "dllm-rl"
     sample_table_every: int = 0
 
+    def __post_init__(self) -> None:
+        check_range("max_steps", self.max_steps, low=1)
+        check_range("lr", self.lr, low=0, low_open=True)
+        check_range("weight_decay", self.weight_decay, low=0)
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"adam_betas={list(self.adam_betas)}: expected two values (beta1, beta2)")
+        for b in self.adam_betas:
+            check_range("adam_betas[]", b, low=0, high=1, high_open=True)
+        check_range("warmup_steps", self.warmup_steps, low=0)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_range("micro_batch_size", self.micro_batch_size, low=0)
+        check_range("max_grad_norm", self.max_grad_norm, low=0)
+        if not (self.deepspeed.endswith(".json") or Path(self.deepspeed).exists()):
+            check_choice("deepspeed", self.deepspeed, deepspeed_names() or ["<configs/deepspeed/*.json>"])
+        check_range("logging_steps", self.logging_steps, low=1)
+        for name in ("save_steps", "eval_steps", "sample_table_every"):
+            check_range(name, getattr(self, name), low=0)
+        check_range("save_total_limit", self.save_total_limit, low=1)
+        check_choice("wandb_mode", self.wandb_mode, (None, *WANDB_MODES))
+
 
 @dataclass
 class SFTConfig(TrainerConfig):
     """Masked-diffusion SFT (LLaDA Eq. 5 on the response; prompt never masked)."""
 
     lr: float = 1e-4
+    per_device_batch_size: int = 8  # examples per device and step (TRL's per_device_train_batch_size)
     eps: float = 1e-3  # t ~ U(eps, 1)
     max_length: int = 1024
     pad_response_to: int = 0  # > 0: pad responses with EOS to this many tokens (LLaDA SFT style)
     eval_batches: int = 4
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("per_device_batch_size", self.per_device_batch_size, low=1)
+        check_range("eps", self.eps, low=0, high=1, low_open=True, high_open=True)
+        check_range("max_length", self.max_length, low=2)
+        check_range("pad_response_to", self.pad_response_to, low=0)
+        check_range("eval_batches", self.eval_batches, low=0)
+
 
 @dataclass
-class DiffuGRPOConfig(TrainerConfig):
+class _GroupRLConfig(TrainerConfig):
+    """Shared by the trainers that sample G completions per prompt and learn from rewards."""
+
+    per_device_prompts: int = 8  # prompts per device and step; completions = per_device_prompts x G
+    num_generations: int = 6  # G completions per prompt
+    num_iterations: int = 1  # mu updates per batch against the rollout policy
+    epsilon: float = 0.2  # clip range of the ratio
+    scale_rewards: bool = False  # divide advantages by the group std
+    rewards: dict = field(default_factory=lambda: {"gsm8k": 1.0})  # reward name -> weight
+    reward_weights: list[float] | None = None  # TRL: weights of the trainer's reward_funcs (default 1 each)
+    reward_timeout_s: float = 10.0
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)
+
+    @property
+    def per_device_batch_size(self) -> int:
+        """Dataset rows the training loop draws per device and step: prompts here."""
+        return self.per_device_prompts
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("per_device_prompts", self.per_device_prompts, low=1)
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations}: must be >= 2 (group-relative advantages)")
+        check_range("num_iterations", self.num_iterations, low=1)
+        check_range("epsilon", self.epsilon, low=0, high=1, low_open=True, high_open=True)
+        check_rewards("rewards", self.rewards)
+        for w in self.reward_weights or ():
+            check_range("reward_weights[]", w)
+        check_range("reward_timeout_s", self.reward_timeout_s, low=0, low_open=True)
+
+
+@dataclass
+class DiffuGRPOConfig(_GroupRLConfig):
     """diffu-GRPO (d1, Zhao et al. 2025). Defaults are d1's published settings."""
 
     lr: float = 3e-6
-    num_generations: int = 6  # G completions per prompt
+    per_device_prompts: int = 2  # d1: 2 prompts x G = 6 -> 12 completions per device and step
+    num_generations: int = 6
     num_iterations: int = 12  # mu gradient steps per batch, each with its own mask
-    epsilon: float = 0.5  # clip range of the surrogate
+    epsilon: float = 0.5
     beta: float = 0.04  # KL coefficient (k3 estimator); 0 = no reference model at all
     estimator: str = "mean_field"
     estimator_options: dict = field(default_factory=lambda: {"p_mask_prompt": 0.15})
-    scale_rewards: bool = False  # divide advantages by the group std (off in d1)
-    rewards: dict = field(default_factory=lambda: {"gsm8k": 1.0})  # reward name -> weight
-    reward_timeout_s: float = 10.0
-    rollout: RolloutOptions = field(default_factory=RolloutOptions)
     sample_table_every: int = 10
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("beta", self.beta, low=0)
+        check_estimator("", self.estimator, self.estimator_options)
 
 
 @dataclass
@@ -98,6 +255,7 @@ class DPOConfig(TrainerConfig):
     ``coupled`` estimator, n complementary pairs = 2n passes)."""
 
     lr: float = 1e-6  # TRL DPOConfig's default
+    per_device_batch_size: int = 8  # preference pairs per device and step (TRL's per_device_train_batch_size)
     beta: float = 0.1
     estimator: str = "mc_elbo"
     estimator_options: dict = field(default_factory=dict)  # e.g. {"eps": 1e-3, "max_batch": 64}
@@ -107,6 +265,19 @@ class DPOConfig(TrainerConfig):
     max_completion_length: int = 512  # responses longer than this (in tokens, EOS included) are cut
     rpo_alpha: float = 0.0  # > 0: add alpha * per-token NLL of the chosen response (RPO; TRL's rpo_alpha)
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("per_device_batch_size", self.per_device_batch_size, low=1)
+        check_range("beta", self.beta, low=0, low_open=True)
+        check_range("n_samples", self.n_samples, low=1)
+        if "n_samples" in self.estimator_options:
+            raise ConfigError("estimator_options.n_samples: set the sampling budget with n_samples")
+        check_estimator("", self.estimator, self.estimator_options, n_samples=self.n_samples)
+        if not self.optimal_allocation and self.estimator not in ("mc_elbo", "mc_elbo_ll"):
+            raise ConfigError(f"optimal_allocation=False: needs estimator mc_elbo or mc_elbo_ll, got {self.estimator!r}")
+        check_range("max_completion_length", self.max_completion_length, low=1)
+        check_range("rpo_alpha", self.rpo_alpha, low=0)
+
 
 def _sudoku_rollout() -> RolloutOptions:
     # 16 digits + EOS in one block, 9 steps: 2 commits per step, so the order matters
@@ -115,15 +286,14 @@ def _sudoku_rollout() -> RolloutOptions:
 
 
 @dataclass
-class UnmaskOrderConfig(TrainerConfig):
+class UnmaskOrderConfig(_GroupRLConfig):
     """Unmasking-order learner (DCoLT-style UPM) on outcome rewards; defaults: the Sudoku default."""
 
     lr: float = 5e-4  # the block's; the gate moves conf_scale x faster
-    per_device_batch_size: int = 16  # prompts per step
+    per_device_prompts: int = 16
     num_generations: int = 8  # G rollouts per prompt
     num_iterations: int = 2  # mu updates per batch against the old (rollout) policy
     epsilon: float = 0.2  # clip range of the per-step ratio
-    scale_rewards: bool = False  # divide advantages by the group std
     train_dllm: bool = False  # co-train the dLLM (DCoLT): add committed tokens' log-probs
     cache_features: bool = True  # frozen dLLM: reuse the rollout's hidden states (no dLLM pass)
     d_model: int = 128
@@ -133,5 +303,23 @@ class UnmaskOrderConfig(TrainerConfig):
     residual_bound: float = 1.0  # head: the block's score lies in (-bound, bound); 0 = unbounded
     block_kl: float = 0.2  # coefficient of KL(pi || confidence-gate-only pi): pulls the block term to 0
     rewards: dict = field(default_factory=lambda: {"sudoku": 1.0})
-    reward_timeout_s: float = 10.0
     rollout: RolloutOptions = field(default_factory=_sudoku_rollout)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("d_model", "n_heads", "ff_dim"):
+            check_range(name, getattr(self, name), low=1)
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model}: must be a multiple of n_heads={self.n_heads}")
+        check_range("conf_scale", self.conf_scale, low=0, low_open=True)
+        check_range("residual_bound", self.residual_bound, low=0)
+        check_range("block_kl", self.block_kl, low=0)
+        if self.lora.enabled:
+            raise ConfigError("lora.enabled: LoRA is not supported by the order learner (train the head alone, "
+                              "or co-train the full dLLM with train_dllm=true)")
+        for name in ("threshold", "early_commit", "kv_cache"):
+            if getattr(self.rollout, name) is not None:
+                raise ConfigError(f"rollout.{name}={getattr(self.rollout, name)!r}: the order learner needs "
+                                  "LLaDA's fixed schedule (set it to null)")
+        if self.rollout.fill_after_eos or self.rollout.cfg_scale:
+            raise ConfigError("rollout: fill_after_eos and cfg_scale are not supported by the order learner")

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from rewards.registry import prompt_text  # noqa: F401  (re-exported: the one prompt-text helper)
+
 
 def encode_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> list[int]:
     """Token ids of a prompt: a string (wrapped as one user turn) or a list of chat messages.
@@ -19,13 +21,6 @@ def encode_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> list[
         raise ValueError("prompt is a list of messages but the tokenizer has no chat_template")
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                               return_dict=False))
-
-
-def prompt_text(prompt) -> str:
-    """Plain text of a prompt (for reward functions): the last user message of a conversation."""
-    if isinstance(prompt, str):
-        return prompt
-    return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

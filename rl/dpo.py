@@ -240,13 +240,8 @@ class DiffusionDPOTrainer(Trainer):
 
     def __init__(self, config: DPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None):
         check_columns(train_dataset, PREFERENCE_COLUMNS, "DPO train data")
-        options = dict(config.estimator_options)
-        if "n_samples" in options:
-            raise ValueError("DPOConfig: set the sampling budget with n_samples, not estimator_options['n_samples']")
-        self.estimator = get_estimator(config.estimator, n_samples=config.n_samples, **options)
-        if not config.optimal_allocation and not isinstance(self.estimator, (MCElbo, MCElboLL)):
-            raise ValueError(f"DPOConfig: optimal_allocation=False needs estimator mc_elbo or mc_elbo_ll, "
-                             f"got {config.estimator!r}")
+        # (DPOConfig checked the estimator, its options and optimal_allocation)
+        self.estimator = get_estimator(config.estimator, n_samples=config.n_samples, **dict(config.estimator_options))
         super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
         self.mask_id = policy.mask_token_id
 

@@ -42,6 +42,19 @@ from rl.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
 from rollout.adapter import PolicyAdapter, unwrap_model
 from rl.masking import apply_mask, bernoulli_mask, exact_count_mask, sample_t, uniform
 
+# Bound on |log pi - log pi_old| (and |log ref - log pi|) before any exp() of it. Sequence-level
+# estimates (mc_elbo, mc_elbo_ll, coupled) sum a whole completion's token log-probs with weights
+# up to 1/t = 1/eps = 1000, so their log-ratios can reach hundreds of nats: exp() overflows to
+# inf and the loss turns NaN. At the bound the ratio is e^10 ~ 2.2e4, far outside any clip range
+# 1 +- eps and finite in float32 after multiplying by an advantage; beyond it the clamp passes no
+# gradient, so an estimate that far off cannot move the weights.
+MAX_LOG_RATIO = 10.0
+
+
+def clamp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """``log_ratio`` clamped to [-MAX_LOG_RATIO, MAX_LOG_RATIO] (see the constant's note)."""
+    return log_ratio.clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+
 
 @dataclass
 class MaskSample:

@@ -4,6 +4,17 @@ Per batch of prompts: G completions each from the rollout engine, rewards from t
 group-relative advantages, then mu gradient steps on the clipped surrogate, each with its own
 mask from a dedicated generator. Log-probabilities come from a named estimator (default: d1's
 one-step mean-field estimate with random prompt masking).
+
+Rewards are called as TRL's GRPOTrainer calls them (keywords: prompts, completions,
+completion_ids, the dataset's columns, trainer_state); pass ``reward_funcs`` (callables or
+registered names) with ``config.reward_weights`` as in TRL, or name them in ``config.rewards``.
+
+Loss normalisation (d1 Eq. 3's 1/|o_i| token mean): token-level terms are summed over every
+valid completion token of the step's whole local batch and divided by that batch's token count
+(sequence-level: the mean over its sequences), so the loss and its gradient do not depend on
+``micro_batch_size``. d1 (TRL 0.16's GRPOTrainer) divides per micro-batch instead: with its 12
+completions per step in micro-batches of 6, each half is normalised by its own token count, which
+weighs the tokens of the shorter half more. The two agree when micro-batch = local batch.
 """
 
 from __future__ import annotations
@@ -12,11 +23,11 @@ import time
 
 import torch
 
-from rewards import compose
+from rewards import compose, compose_funcs, reward_inputs
 from rl.config import DiffuGRPOConfig
 from rl.data import check_columns, encode_prompt, left_pad, prompt_text
 from rl.engine import gathered_for_generation
-from rl.estimators import MaskSample, get_estimator
+from rl.estimators import MaskSample, clamp_log_ratio, get_estimator
 from rl.trainer import Trainer
 from rollout import generate
 
@@ -34,31 +45,44 @@ def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = Fa
 
 
 def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0."""
-    d = ref_logp - logp
+    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0
+    (d1 Eq. 3's KL term), with ref - logp clamped in log space (rl.estimators.MAX_LOG_RATIO)."""
+    d = clamp_log_ratio(ref_logp - logp)
     return torch.exp(d) - d - 1
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO/GRPO clipped objective per element: -min(rho A, clip(rho, 1-eps, 1+eps) A).
+    """PPO/GRPO clipped objective per element (d1 Eq. 3): -min(rho A, clip(rho, 1-eps, 1+eps) A),
+    rho = exp(logp - old_logp) with the log-ratio clamped to +-MAX_LOG_RATIO (rl.estimators).
 
     Returns ``(loss, clipped)``: ``clipped`` marks where the clipped branch is the active one."""
-    ratio = torch.exp(logp - old_logp)
+    ratio = torch.exp(clamp_log_ratio(logp - old_logp))
     unclipped = ratio * adv
     clipped_obj = torch.clamp(ratio, 1 - eps, 1 + eps) * adv
     return -torch.minimum(unclipped, clipped_obj), (clipped_obj < unclipped)
 
 
 class DiffuGRPOTrainer(Trainer):
-    """Rows are dicts with ``prompt`` (text or chat messages) plus the reward functions' columns."""
+    """Rows are dicts with ``prompt`` (text or chat messages) plus the reward functions' columns.
+
+    Rewards, one of: ``reward_funcs`` (TRL: a callable or registered name, or a list of them,
+    weighted by ``config.reward_weights``), ``reward_fn`` (a composed reward, ``rewards.compose``),
+    or neither: ``config.rewards`` ({name: weight})."""
 
     config: DiffuGRPOConfig
 
     def __init__(self, config: DiffuGRPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None,
-                 reward_fn=None):
+                 reward_fn=None, reward_funcs=None):
         check_columns(train_dataset, ("prompt",), "GRPO train data")
+        if reward_fn is not None and reward_funcs is not None:
+            raise ValueError("pass reward_funcs (TRL style) or reward_fn (a composed reward), not both")
+        if config.reward_weights is not None and reward_funcs is None:
+            raise ValueError("config.reward_weights weighs the trainer's reward_funcs; with config.rewards put the "
+                             "weights in that dict")
         self.needs_reference = config.beta > 0  # no reference model at all when beta = 0
         super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        if reward_funcs is not None:
+            reward_fn = compose_funcs(reward_funcs, config.reward_weights, timeout_s=config.reward_timeout_s)
         self.reward_fn = reward_fn or compose(dict(config.rewards), timeout_s=config.reward_timeout_s)
         self.estimator = get_estimator(config.estimator, **dict(config.estimator_options))
         self.token_level = config.estimator == "mean_field"
@@ -69,7 +93,7 @@ class DiffuGRPOTrainer(Trainer):
         return ("rollout", "mask")
 
     def rows_per_step(self) -> int:
-        return self.config.per_device_batch_size * self.config.num_generations
+        return self.config.per_device_prompts * self.config.num_generations
 
     def optimizer_steps_per_step(self) -> int:
         return self.config.num_iterations
@@ -93,11 +117,14 @@ class DiffuGRPOTrainer(Trainer):
             module.train()
         return out
 
-    def score(self, rows: list[dict], completions: list[str]):
+    def score(self, rows: list[dict], completions: list[str], completion_ids: list[list[int]] | None = None):
+        """Rewards of the G completions of each row, called with TRL's keywords (rewards.reward_inputs)."""
+        from transformers import TrainerState
+
         g = self.config.num_generations
-        prompts = [prompt_text(r["prompt"]) for r in rows for _ in range(g)]
-        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
-        return self.reward_fn(prompts, completions, **columns)
+        state = TrainerState(global_step=self.step, max_steps=self.config.max_steps)
+        return self.reward_fn(**reward_inputs([r for r in rows for _ in range(g)], completions, completion_ids),
+                              trainer_state=state)
 
     def logps(self, model, input_ids, attention_mask, prompt_len, sample, rows: slice) -> torch.Tensor:
         """Token-level ``[n, L]`` (mean-field) or sequence-level ``[n]`` log-prob estimates."""
@@ -113,7 +140,8 @@ class DiffuGRPOTrainer(Trainer):
         ro = self.rollout(rows)
         t1 = time.perf_counter()
         completions = ro.decode(self.tokenizer)
-        rew = self.score(rows, completions)
+        ids = [row[m].tolist() for row, m in zip(ro.completion_ids.cpu(), ro.completion_mask.bool().cpu())]
+        rew = self.score(rows, completions, ids)
         t2 = time.perf_counter()
         rewards = torch.tensor(rew.total, dtype=torch.float32, device=self.device)
         adv, group_std = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from rl.config import RolloutOptions
-from rl.data import check_columns, encode_prompt, left_pad, prompt_text
+from rl.data import check_columns, encode_prompt, left_pad
 from rollout import generate
 
 RewardFn = Callable[..., object]  # fn(prompts, completions, **columns) -> list[float|None] or .total
@@ -57,14 +57,14 @@ def sample_completions(policy: torch.nn.Module, rows: Sequence[dict], *, num_gen
 def score_completions(reward_fn: RewardFn, rows: Sequence[dict], completions: Sequence[Sequence[str]]) -> list[list[float | None]]:
     """Rewards ``[row][generation]`` from one call of ``reward_fn`` over the flattened batch.
 
-    ``reward_fn`` follows the reward-layer signature ``fn(prompts, completions, **columns)`` and
-    returns a list (``rewards.get_reward``) or an object with ``.total`` (``rewards.compose``)."""
+    ``reward_fn`` follows the reward-layer signature ``fn(prompts, completions, **columns)``, is
+    called with TRL's keywords (``rewards.reward_inputs``) and returns a list
+    (``rewards.get_reward``) or an object with ``.total`` (``rewards.compose``)."""
+    from rewards import reward_inputs
+
     g = [len(c) for c in completions]
-    prompts = [prompt_text(r["prompt"]) for r, n in zip(rows, g) for _ in range(n)]
     flat = [c for cs in completions for c in cs]
-    keys = [k for k in rows[0] if k != "prompt"] if rows else []
-    columns = {k: [r.get(k) for r, n in zip(rows, g) for _ in range(n)] for k in keys}
-    result = reward_fn(prompts, flat, **columns)
+    result = reward_fn(**reward_inputs([r for r, n in zip(rows, g) for _ in range(n)], flat))
     scores = list(getattr(result, "total", result))
     if len(scores) != len(flat):
         raise ValueError(f"reward function returned {len(scores)} scores for {len(flat)} completions")

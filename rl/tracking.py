@@ -11,6 +11,8 @@ import logging
 import math
 import os
 import time
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -21,6 +23,22 @@ from rl import distributed as D
 log = logging.getLogger(__name__)
 
 _WANDB_ID_FILE = "wandb_run_id.txt"
+_RUN_CONTEXT: ContextVar[dict] = ContextVar("dllm_rl_run_context", default={})
+
+
+@contextmanager
+def run_context(*, name: str | None = None, group: str | None = None, job_type: str | None = None,
+                config: dict | None = None):
+    """Run-level W&B settings for every :class:`Tracker` created inside the block (the recipes
+    wrap each stage in one): ``name`` (``<recipe>-<task>-<model>-seed<S>``), ``group`` (one per
+    pipeline), ``job_type`` (the stage; also the progress bar's label) and ``config`` (the full
+    composed config, logged with the stage trainer's config under ``trainer``)."""
+    token = _RUN_CONTEXT.set({k: v for k, v in dict(name=name, group=group, job_type=job_type,
+                                                        config=config).items() if v is not None})
+    try:
+        yield
+    finally:
+        _RUN_CONTEXT.reset(token)
 
 
 def _to_floats(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -78,12 +96,20 @@ class Tracker:
       turns W&B off. Files go to ``run_dir/wandb``; never prompts for a login. A resumed run
       (``resume_step`` given) continues the same W&B run id and drops jsonl lines logged
       after ``resume_step``.
+    - Run name, group, job type and the logged config: the arguments, else the enclosing
+      :func:`run_context`. The progress bar is labelled with the job type (the stage), else
+      the name, else "train".
     """
 
     def __init__(self, run_dir: str | Path, *, project: str = "dllm-rl", name: str | None = None,
                  config: dict | None = None, wandb_mode: str | None = None, total_steps: int | None = None,
                  is_main: bool | None = None, sample_table_every: int = 0, max_sample_rows: int = 8,
-                 resume_step: int | None = None, progress: bool = True):
+                 resume_step: int | None = None, progress: bool = True, group: str | None = None,
+                 job_type: str | None = None):
+        ctx = _RUN_CONTEXT.get()
+        name, group, job_type = name or ctx.get("name"), group or ctx.get("group"), job_type or ctx.get("job_type")
+        if "config" in ctx:
+            config = {**ctx["config"], "trainer": config or {}}
         self.run_dir = Path(run_dir)
         self.is_main = D.is_main_process() if is_main is None else is_main
         self.sample_table_every = sample_table_every
@@ -105,14 +131,15 @@ class Tracker:
         if mode not in ("online", "offline", "disabled"):
             raise ValueError(f"wandb_mode must be online, offline or disabled, got {mode!r}")
         if mode != "disabled":
-            self._init_wandb(project, name, config, mode)
+            self._init_wandb(project, name, config, mode, group=group, job_type=job_type)
         if progress:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=self._last_step, desc=name or "train",
+            self._bar = tqdm(total=total_steps, initial=self._last_step, desc=job_type or name or "train",
                              dynamic_ncols=True, leave=True)
 
-    def _init_wandb(self, project: str, name: str | None, config: dict | None, mode: str) -> None:
+    def _init_wandb(self, project: str, name: str | None, config: dict | None, mode: str, *,
+                    group: str | None = None, job_type: str | None = None) -> None:
         import wandb
 
         wandb_dir = self.run_dir / "wandb"
@@ -120,8 +147,9 @@ class Tracker:
         id_file = self.run_dir / _WANDB_ID_FILE
         run_id = id_file.read_text().strip() if id_file.exists() else wandb.sdk.lib.runid.generate_id()
         id_file.write_text(run_id)
-        kwargs = dict(project=project, name=name, config=config or {}, dir=str(self.run_dir), mode=mode,
-                      resume="allow", settings=wandb.Settings(console="off", silent=True))
+        kwargs = dict(project=project, name=name, group=group, job_type=job_type, config=config or {},
+                      dir=str(self.run_dir), mode=mode, resume="allow",
+                      settings=wandb.Settings(console="off", silent=True))
         # After a SIGKILL the killed run's wandb-core service can hold the id for a few seconds
         # (until it notices its parent is gone): wait for it, then fall back to a fresh id.
         for attempt in range(20):

@@ -329,15 +329,6 @@ def rebuild_states(sequences: torch.Tensor, unmask_step: torch.Tensor, states: S
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_rollout(ro: RolloutOptions) -> None:
-    for key in ("threshold", "early_commit", "kv_cache"):
-        if getattr(ro, key) is not None:
-            raise ValueError(f"UnmaskOrderConfig.rollout.{key}={getattr(ro, key)!r}: the order learner needs "
-                             "LLaDA's fixed schedule (set it to None)")
-    if ro.fill_after_eos or ro.cfg_scale:
-        raise ValueError("UnmaskOrderConfig.rollout: fill_after_eos and cfg_scale are not supported by the order learner")
-
-
 def generate_with_order(dllm, hook, prompt_ids, prompt_mask, ro: RolloutOptions, *, generator=None):
     """``rollout.generate`` with the order hook under LLaDA's schedule (mask / EOS ids from ``dllm``)."""
     from rollout import generate
@@ -359,12 +350,6 @@ class UnmaskOrderTrainer(Trainer):
         from rl.data import check_columns
 
         check_columns(train_dataset, ("prompt",), "unmasking-order train data")
-        _check_rollout(config.rollout)
-        if config.block_kl < 0:
-            raise ValueError(f"UnmaskOrderConfig.block_kl={config.block_kl} must be >= 0 (0 = no penalty)")
-        if config.lora.enabled:
-            raise ValueError("UnmaskOrderConfig.lora.enabled: LoRA is not supported by the order learner "
-                             "(train the head alone, or co-train the full dLLM with train_dllm=True)")
         if not isinstance(policy, OrderPolicy):
             policy = OrderPolicy(policy, train_dllm=config.train_dllm, d_model=config.d_model,
                                  n_heads=config.n_heads, ff_dim=config.ff_dim, conf_scale=config.conf_scale,
@@ -384,7 +369,7 @@ class UnmaskOrderTrainer(Trainer):
         return ("rollout", "order")
 
     def rows_per_step(self) -> int:
-        return self.config.per_device_batch_size * self.config.num_generations
+        return self.config.per_device_prompts * self.config.num_generations
 
     def optimizer_steps_per_step(self) -> int:
         return self.config.num_iterations
@@ -423,12 +408,11 @@ class UnmaskOrderTrainer(Trainer):
         return ro, hook
 
     def score(self, rows: list[dict], completions: list[str]):
-        from rl.data import prompt_text
+        """Rewards of the G completions of each row, called with TRL's keywords (rewards.reward_inputs)."""
+        from rewards import reward_inputs
 
         g = self.config.num_generations
-        prompts = [prompt_text(r["prompt"]) for r in rows for _ in range(g)]
-        columns = {k: [r[k] for r in rows for _ in range(g)] for k in rows[0] if k != "prompt"}
-        return self.reward_fn(prompts, completions, **columns)
+        return self.reward_fn(**reward_inputs([r for r in rows for _ in range(g)], completions))
 
     def state_logps(self, ro, hook, st: StepStates) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-state ``[M]`` trajectory log-prob terms (order + committed tokens when co-training),

@@ -75,7 +75,7 @@ def run_ours(args, policy, ro, adv):
     from rl.config import DiffuGRPOConfig
     from rl.grpo import DiffuGRPOTrainer
 
-    cfg = DiffuGRPOConfig(run_dir=args.run_dir, per_device_batch_size=args.prompts, num_generations=args.generations,
+    cfg = DiffuGRPOConfig(run_dir=args.run_dir, per_device_prompts=args.prompts, num_generations=args.generations,
                           num_iterations=args.mu, beta=args.beta, lr=1e-5, rewards={"gsm8k": 1.0}, export_hf=False)
     trainer = DiffuGRPOTrainer(cfg, policy, [{"prompt": "x"}] * args.prompts)
     return lambda: trainer.policy_update(ro, adv)

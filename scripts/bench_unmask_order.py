@@ -121,7 +121,7 @@ def train_order(dllm, rl_rows, val_rows, ro: RolloutOptions, *, seed: int, steps
         return {"eval/exact": acc, "eval/cell": cell}
 
     cfg = UnmaskOrderConfig(run_dir=run_dir, seed=seed, max_steps=steps, eval_steps=eval_every, rollout=ro,
-                            per_device_batch_size=prompts_per_step, num_generations=generations, lr=lr,
+                            per_device_prompts=prompts_per_step, num_generations=generations, lr=lr,
                             block_kl=block_kl, wandb_mode="disabled", save_total_limit=1)
     trainer = UnmaskOrderTrainer(cfg, policy, rl_rows, eval_fn=eval_fn if eval_every else None)
     t0 = time.perf_counter()

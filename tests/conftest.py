@@ -10,6 +10,8 @@ SHARED_DATA = Path(os.environ.get("DLLM_RL_SHARED_DATA", ROOT.parent / "shared" 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # tests never download: real tasks read the local copies
+os.environ.setdefault("DLLM_RL_DATA", str(SHARED_DATA))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny models: one intra-op thread is fastest, and stays fast when the cores are shared.
 torch.set_num_threads(1)

@@ -270,7 +270,7 @@ def test_trainer_mean_field_and_config_errors(tmp_path):
     # policy == reference: the DPO term is log 2; RPO adds alpha * NLL per token of the chosen
     # response (every CHOSEN has 19 characters + EOS)
     assert step1["loss"] == pytest.approx(math.log(2) - 0.5 * step1["logps/chosen"] / 20, rel=1e-5)
-    with pytest.raises(ValueError, match="optimal_allocation=False needs"):
+    with pytest.raises(ValueError, match="optimal_allocation=False: needs"):
         _dpo_trainer(tmp_path / "x", estimator="mean_field", optimal_allocation=False)
     with pytest.raises(KeyError, match="row 0 has no column 'rejected'"):
         from rl.dpo import DiffusionDPOTrainer

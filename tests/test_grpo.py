@@ -90,3 +90,87 @@ def test_sequence_level_estimators_train(tmp_path, estimator):
 
     last = make_trainer(str(tmp_path / "run"), max_steps=2, estimator=estimator).train()
     assert torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_log_ratio_is_clamped_so_a_log_ratio_of_100_stays_finite():
+    """Sequence-level estimates can differ by hundreds of nats; exp(100) is inf in float32."""
+    from rl.estimators import MAX_LOG_RATIO
+
+    assert torch.isinf(torch.exp(torch.tensor(100.0)))
+    logp = torch.tensor([100.0, -100.0, 100.0, 0.5], requires_grad=True)
+    old = torch.zeros(4)
+    adv = torch.tensor([-1.0, 1.0, 1.0, -1.0])
+    loss, clipped = clipped_surrogate(logp, old, adv, eps=0.5)
+    kl = k3_kl(logp, old)
+    (loss.sum() + kl.sum()).backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(kl).all() and torch.isfinite(logp.grad).all()
+    bound = torch.exp(torch.tensor(MAX_LOG_RATIO))
+    assert torch.allclose(loss[:3], torch.stack([bound, -torch.exp(-torch.tensor(MAX_LOG_RATIO)), -torch.tensor(1.5)]))
+    assert logp.grad[0] == 0  # beyond the bound the estimate moves nothing
+    assert logp.grad[3] != 0  # inside it the gradient is untouched
+
+
+@pytest.mark.parametrize("estimator", ["mean_field", "mc_elbo"])
+def test_grpo_loss_and_gradients_do_not_depend_on_micro_batch_size(tmp_path, estimator):
+    """Token-level terms are normalised by the local batch's token count, not per micro-batch (d1):
+    micro-batches of 16, 8 and 4 rows (with very unequal token counts) give the same loss and
+    gradient norms."""
+    import dataclasses
+
+    from tests.helpers.toy_grpo import make_trainer
+
+    first = make_trainer(str(tmp_path / "ro"), max_steps=1, estimator=estimator, micro_batch_size=16)
+    ro = first.rollout(first.train_dataset[:4])
+    mask = torch.zeros_like(ro.completion_mask)
+    mask[:8], mask[8:, :2] = 1, 1  # first half 8 tokens per row, second half 2
+    ro = dataclasses.replace(ro, completion_mask=mask)
+    adv = torch.linspace(-1.0, 1.0, 16)
+    out = {}
+    for micro in (16, 8, 4):
+        trainer = make_trainer(str(tmp_path / f"m{micro}"), max_steps=1, estimator=estimator, micro_batch_size=micro)
+        m = trainer.policy_update(ro, adv)
+        out[micro] = (float(m["loss"]), float(m["grad_norm"]))
+    for micro in (8, 4):
+        assert out[micro] == pytest.approx(out[16], rel=1e-4), out
+
+
+def test_trl_reward_functions_run_unchanged(tmp_path):
+    """Reward functions written for TRL's GRPOTrainer (keywords, dataset columns, chat completions)."""
+    import re
+
+    from tests.helpers.toy_grpo import make_trainer
+
+    def reward_len(completions, **kwargs):  # TRL's documentation example
+        return [-abs(20 - len(completion)) for completion in completions]
+
+    def reward_func(completions, ground_truth, **kwargs):  # TRL's "dataset column" example
+        matches = [re.search(r"\\boxed\{(.*?)\}", completion) for completion in completions]
+        contents = [match.group(1) if match else "" for match in matches]
+        return [1.0 if c == gt else 0.0 for c, gt in zip(contents, ground_truth)]
+
+    rows = [{"prompt": f"{i:03d}", "ground_truth": str(i % 3)} for i in range(8)]
+    trainer = make_trainer(str(tmp_path / "plain"), rows=rows, reward_funcs=[reward_len, reward_func, "format_soft"],
+                           reward_weights=[1.0, 2.0, 0.5])
+    metrics = trainer.training_step(rows[:4])
+    assert -20 <= float(metrics["rewards/reward_len/mean"]) <= 0
+    assert 0 <= float(metrics["rewards/reward_func/mean"]) <= 1 and "rewards/format_soft/mean" in metrics
+
+    seen = {}
+
+    def format_reward_func(completions, **kwargs):  # TRL's conversational example
+        seen.update(kwargs, completions=completions)
+        pattern = r"^<think>.*?</think><answer>.*?</answer>$"
+        completion_contents = [completion[0]["content"] for completion in completions]
+        matches = [re.match(pattern, content) for content in completion_contents]
+        return [1.0 if match else 0.0 for match in matches]
+
+    chat = [{"prompt": [{"role": "user", "content": f"{i:03d}"}], "answer": str(i)} for i in range(8)]
+    trainer = make_trainer(str(tmp_path / "chat"), rows=chat, reward_funcs=[format_reward_func, "gsm8k"])
+    metrics = trainer.training_step(chat[:4])
+    assert float(metrics["rewards/format_reward_func/mean"]) == 0.0 and "rewards/gsm8k/mean" in metrics
+    n = 4 * trainer.config.num_generations
+    assert seen["prompts"][0] == chat[0]["prompt"] and len(seen["prompts"]) == n  # as stored, one per completion
+    assert seen["completions"][0][0]["role"] == "assistant" and len(seen["completions"]) == n
+    assert seen["answer"] == [r["answer"] for r in chat[:4] for _ in range(trainer.config.num_generations)]
+    assert all(isinstance(t, int) for t in seen["completion_ids"][0])
+    assert seen["trainer_state"].global_step == 0

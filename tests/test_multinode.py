@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 OVERRIDES = [
-    "recipe=grpo", "rl.max_steps=2", "rl.deepspeed=zero3", "rl.per_device_batch_size=2", "rl.num_generations=2",
+    "recipe=grpo", "rl.max_steps=2", "rl.deepspeed=zero3", "rl.per_device_prompts=2", "rl.num_generations=2",
     "rl.num_iterations=1", "rl.eval_steps=0", "task.num_sft=0", "task.num_rl=8", "task.num_val=4", "task.num_test=4",
     "logger.wandb.mode=disabled", "recipe.plot=false", "model.tiny.hidden_size=32", "model.tiny.num_hidden_layers=1",
     "model.tiny.num_attention_heads=2", "model.tiny.intermediate_size=64",

@@ -16,7 +16,7 @@ TINY = ["model.tiny.hidden_size=64", "model.tiny.num_hidden_layers=2", "model.ti
 SMALL = [
     "task.num_sft=16", "task.num_rl=32", "task.num_val=8", "task.num_test=16",
     "sft.max_steps=4", "sft.per_device_batch_size=8", "sft.eval_steps=2", "sft.warmup_steps=0",
-    "rl.max_steps=3", "rl.per_device_batch_size=4", "rl.num_generations=4", "rl.eval_steps=2", "rl.warmup_steps=0",
+    "rl.max_steps=3", "rl.per_device_prompts=4", "rl.num_generations=4", "rl.eval_steps=2", "rl.warmup_steps=0",
     *TINY,
 ]
 
@@ -93,7 +93,7 @@ def test_default_recipe_full_size_lifts_accuracy(tmp_path):
 def test_unmask_order_recipe_compares_with_low_confidence_order(tmp_path):
     run_dir = tmp_path / "uo"
     assert main(["recipe=unmask_order", f"run_dir={run_dir}", "task.num_sft=0", "task.num_rl=8", "task.num_val=4",
-                 "task.num_test=8", "rl.max_steps=2", "rl.per_device_batch_size=2", "logger.wandb.mode=disabled",
+                 "task.num_test=8", "rl.max_steps=2", "rl.per_device_prompts=2", "logger.wandb.mode=disabled",
                  "recipe.plot=false", *TINY]) == 0
     rl = json.loads((run_dir / "summary.json").read_text())["rl"]
     assert 0 <= rl["eval/accuracy"] <= 1 and 0 <= rl["eval/accuracy_low_confidence_order"] <= 1
@@ -122,3 +122,62 @@ def test_resume_continues_rl_without_redoing_sft(default_run: Path, tmp_path):
     sft_train_rows = [json.loads(x) for x in (run_dir / "sft" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["step"] <= 4 for r in sft_train_rows)
     assert (run_dir / "sft" / "metrics.jsonl").read_text().startswith(sft_rows_before)
+
+
+GSM8K_SMALL = ["task=gsm8k", "rl.max_steps=2", "model.tiny.max_position_embeddings=1280", *TINY,
+               "task.num_val=4", "task.num_test=4", "sft.max_steps=2", "sft.per_device_batch_size=2",
+               "sft.eval_steps=0", "rl.per_device_prompts=2", "rl.num_generations=2", "rl.eval_steps=0",
+               "recipe.plot=false"]
+
+
+def test_gsm8k_runs_sft_then_grpo_with_the_gsm8k_reward_alone(tmp_path):
+    """The done-when run: ``dllm-rl task=gsm8k rl.max_steps=2`` on the local copy ($DLLM_RL_DATA),
+    a tiny model with positions for GSM8K prompts plus gen_length, tiny sizes otherwise."""
+    run_dir = tmp_path / "gsm8k"
+    assert main([*GSM8K_SMALL, f"run_dir={run_dir}"]) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["task"] == "gsm8k" and summary["sft"]["eval/num_examples"] == 4
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    reward_keys = {k for r in rows for k in r if k.startswith("rewards/")}
+    assert reward_keys == {"rewards/gsm8k/mean"}  # no sudoku term composed in
+    assert [r["step"] for r in rows if r["stage"] == "rl" and "reward" in r] == [1, 2]
+    group = (run_dir / "wandb_group.txt").read_text()
+    assert group.startswith("sft_then_grpo-gsm8k-tiny-seed0-")
+    for stage in ("sft", "rl"):  # the offline run's record log holds name, group, job type and config
+        record = next((run_dir / stage / "wandb").glob("offline-run-*/*.wandb")).read_bytes()
+        assert b"sft_then_grpo-gsm8k-tiny-seed0" in record and group.encode() in record
+        assert b'"max_position_embeddings":1280' in record  # the full composed config, not only the trainer's
+
+
+def _jsonl(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("truncated", "cannot read rows"),
+    ("missing_column", "has no column 'prompt'"),
+    ("empty_folder", "no data files"),
+])
+def test_bad_data_exits_2_with_one_line(tmp_path, capsys, case, expected):
+    paths = {"truncated": lambda: _jsonl(tmp_path / "t.jsonl", '{"prompt": "a", "answer": "1"}\n{"prompt": "b'),
+             "missing_column": lambda: _jsonl(tmp_path / "m.jsonl", '{"q": "a", "answer": "1"}\n'),
+             "empty_folder": lambda: (tmp_path / "e").mkdir() or tmp_path / "e"}
+    assert main(["task=local", f"task.path={paths[case]()}", f"run_dir={tmp_path / 'run'}", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("dllm-rl: data error:") and expected in err and err.count("\n") == 0
+
+
+def test_training_without_a_train_split_stops_and_eval_still_works(tmp_path, capsys):
+    """MATH-500's local copy is a test set: training says how to give a train split; eval runs
+    (with positions for its prompts) and a model too short for them is a one-line config error."""
+    assert main(["recipe=grpo", "task=math500", f"run_dir={tmp_path / 'grpo'}", *TINY]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no training split" in err and "task.path=" in err and err.count("\n") == 0
+    ev = ["recipe=eval", "task=math500", "eval.tasks=[math500]", f"run_dir={tmp_path / 'ev'}", *TINY]
+    assert main(ev) == 2  # the whole test split: its longest prompt does not fit 512 positions
+    err = capsys.readouterr().err.strip()
+    assert "positions" in err and "model.tiny.max_position_embeddings" in err and err.count("\n") == 0
+    assert main([*ev, "eval.num_examples=2", "model.tiny.max_position_embeddings=2048"]) == 0
+    results = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [(r["task"], r["num_examples"]) for r in results] == [("math500", 2)]

@@ -44,25 +44,97 @@ def test_top_level_overrides_reach_every_stage():
     assert cfg.run_dir == "/tmp/x"
 
 
-@pytest.mark.parametrize("override, expected", [
+BAD_OVERRIDES = [
     ("rl.lr=abc", "rl.lr=abc"),
     ("trainer.lr=abc", "did you mean sft.lr or rl.lr"),
     ("recipe=nope", "recipe is one of: dpo, eval, grpo, sft, sft_then_grpo, unmask_order"),
     ("sft.max_stepz=3", "sft.max_stepz: unknown key; did you mean sft.max_steps"),
     ("seed=x", "could not be converted to Integer"),
     ("+rl.bogus=1", "rl.bogus: unknown key"),
-    ("task.name=foo", "task.name='foo' is not allowed; expected one of"),
-    ("rl.rollout.remasking=lowconf", "rl.rollout.remasking='lowconf' is not allowed"),
-    ("rl.deepspeed=zero9", "rl.deepspeed='zero9' is not allowed"),
-    ("rl.num_generations=1", "rl.num_generations=1 must be >= 2"),
+    ("task.name=foo", "task.name='foo': not allowed; expected one of"),
+    ("rl.rollout.remasking=lowconf", "rl.rollout.remasking='lowconf': not allowed; expected one of: low_confidence,"),
+    ("rl.deepspeed=zero9", "rl.deepspeed='zero9': not allowed"),
+    ("rl.num_generations=1", "rl.num_generations=1: must be >= 2"),
     ("rollout.block_length=5", "must be a positive multiple of block_length=5"),
-])
-def test_bad_overrides_raise_one_line_naming_the_key(override, expected):
+    ("rl.beta=-0.5", "rl.beta=-0.5: must be >= 0"),
+    ("rl.epsilon=-1", "rl.epsilon=-1.0: must be > 0"),
+    ("sft.lr=0", "sft.lr=0.0: must be > 0"),
+    ("rl.max_steps=0", "rl.max_steps=0: must be >= 1"),
+    ("rl.estimator=nope", "rl.estimator='nope': not allowed; expected one of: coupled, mc_elbo, mc_elbo_ll, mean_field"),
+    ("rl.estimator_options={foo: 1}", "estimator 'mean_field': unknown option(s) ['foo']"),
+    ("task.rewards={sudok: 1.0}", "task.rewards: unknown reward 'sudok'"),
+    ("task.rewards={sudoku: abc}", "task.rewards.sudoku='abc': must be a finite number"),
+    ("task.accuracy_reward=nope", "task.accuracy_reward: unknown reward 'nope'"),
+    ("task.num_val=-1", "task.num_val=-1: must be >= 0"),
+    ("trainer@rl=sft", "rl: recipe sft_then_grpo runs DiffuGRPOConfig at this stage but got a SFTConfig; "
+                       "select trainer@rl=<diffu_grpo or diffu_grpo_d1>"),
+    ("recipe=dpo rl.optimal_allocation=false rl.estimator=coupled", "needs estimator mc_elbo or mc_elbo_ll"),
+    ("task.rewards={sudoku: 1.0", "bad override syntax"),
+    ("task.rewards=sudoku", "task.rewards='sudoku': expected a dict"),
+    ("eval.tasks=[sudoku4,nope]", "eval.tasks[]='nope': not allowed"),
+    ("eval.modes={fast: {treshold: 0.9}}", "eval.modes.fast: unknown rollout option(s) ['treshold']"),
+    ("model.family=llada", "model.path: required for family='llada'"),
+    ("logger.wandb.mode=on", "logger.wandb.mode='on': not allowed"),
+    ("rl.per_device_batch_size=4", "rl.per_device_batch_size: unknown key"),  # GRPO counts prompts: per_device_prompts
+    ("recipe=unmask_order rl.rollout.threshold=0.9", "rl.rollout.threshold=0.9: the order learner needs"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD_OVERRIDES)
+def test_bad_overrides_raise_one_line_naming_the_key(overrides, expected):
     with pytest.raises(ConfigError) as err:
-        load_config([override])
+        load_config(overrides.split(" ") if "{" not in overrides else [overrides])
     msg = str(err.value)
     assert expected in msg
-    assert "\n" not in msg
+    assert "\n" not in msg and "None" not in msg.split(":")[-1]
+
+
+def test_python_api_configs_validate_in_post_init():
+    """No Hydra needed: the dataclasses themselves reject bad values."""
+    from recipes.schema import RecipeConfig, TaskConfig
+
+    for make, expected in [(lambda: DiffuGRPOConfig(beta=-1.0), "beta=-1.0: must be >= 0"),
+                           (lambda: DiffuGRPOConfig(estimator="nope"), "estimator='nope'"),
+                           (lambda: DiffuGRPOConfig(rewards={"sudok": 1.0}), "unknown reward 'sudok'"),
+                           (lambda: SFTConfig(eps=0.0), "eps=0.0: must be > 0"),
+                           (lambda: RolloutOptions(gen_length=10, block_length=4), "multiple of block_length=4"),
+                           (lambda: TaskConfig(name="nope"), "name='nope': not allowed"),
+                           (lambda: RunConfig(recipe=RecipeConfig(name="grpo"), rl=SFTConfig()),
+                            "rl: recipe grpo runs DiffuGRPOConfig")]:
+        with pytest.raises(ConfigError) as err:
+            make()
+        assert expected in str(err.value)
+
+
+def test_every_task_composes_exactly_its_yaml_rewards():
+    """The schema default never merges into a task file's rewards (task=gsm8k is gsm8k alone)."""
+    from omegaconf import OmegaConf
+
+    from rl.tasks import TASKS
+
+    for option in group_options("task"):
+        spec = OmegaConf.to_container(OmegaConf.load(ROOT / "configs" / "task" / f"{option}.yaml"))
+        cfg = load_config([f"task={option}"] + (["task.path=data.jsonl"] if option == "local" else []))
+        assert cfg.task.rewards == spec["rewards"], option
+        assert cfg.task.accuracy_reward == spec["accuracy_reward"], option
+        assert cfg.rl.rewards == spec["rewards"], option  # the GRPO stage gets the same spec
+        if option != "local":  # the registered defaults say the same as the file
+            assert TASKS[option].rewards == spec["rewards"] and TASKS[option].accuracy_reward == spec["accuracy_reward"]
+
+
+def test_registries_and_config_groups_agree():
+    """Recipes, tasks and trainer options are derived from registries; the YAML groups match them."""
+    from recipes.pipeline import PIPELINES
+    from recipes.schema import RECIPES, TRAINER_SCHEMAS, trainer_options
+    from rl.tasks import TASKS
+
+    assert sorted(RECIPES) == group_options("recipe")
+    assert sorted(TASKS) == group_options("task")
+    assert set(PIPELINES) == {name for name, stages in RECIPES.items() if stages}
+    assert sorted(trainer_options(list(TRAINER_SCHEMAS))) == group_options("trainer")
+    from rollout.remasking import REMASKING
+
+    assert RolloutOptions().remasking in REMASKING  # the one value RolloutOptions does not look up
 
 
 def test_main_exits_2_with_one_line_on_stderr(capsys):
@@ -71,6 +143,9 @@ def test_main_exits_2_with_one_line_on_stderr(capsys):
     assert err.count("\n") == 0 and err.startswith("dllm-rl: config error: trainer.lr")
     assert main(["recipe=nope"]) == 2
     assert "recipe=nope: no such option" in capsys.readouterr().err
+    assert main(["task.rewards={sudoku: 1.0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "None" not in err and "bad override syntax" in err
 
 
 def test_cli_error_path_does_not_import_torch():

@@ -69,7 +69,7 @@ def test_compose_weights_none_and_names():
     assert out.per_function["xml_count"] == [pytest.approx(0.5), 0.0]
     assert out.total == [pytest.approx(2 * 0.5 + 0.5), 0.0]
 
-    comp = compose([(lambda p, c, **k: [None, 1.0], 3.0), ("format_strict", 1.0, {"score": 1.0})])
+    comp = compose([(lambda prompts, completions, **k: [None, 1.0], 3.0), ("format_strict", 1.0, {"score": 1.0})])
     out = comp(["p", "p"], [good, "x"])
     assert out.per_function["<lambda>"] == [None, 1.0]
     assert out.total == [1.0, 3.0]

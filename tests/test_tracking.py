@@ -59,3 +59,26 @@ def test_non_main_rank_writes_nothing(tmp_path):
     tr.log_samples(1, ["p"], ["c"], [0.0])
     tr.close()
     assert not (tmp_path / "run").exists()
+
+
+def test_run_context_names_groups_and_logs_the_full_config(tmp_path, monkeypatch):
+    """Recipes wrap each stage in run_context: W&B run name, pipeline group, stage as job type and
+    progress-bar label, the composed config with the trainer's under ``trainer``."""
+    from rl.tracking import run_context
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    composed = {"recipe": {"name": "sft_then_grpo"}, "task": {"name": "gsm8k"}, "seed": 3}
+    with run_context(name="sft_then_grpo-gsm8k-tiny-seed3", group="sft_then_grpo-gsm8k-tiny-seed3-20250101-000000",
+                     job_type="rl", config=composed):
+        tr = Tracker(tmp_path, config={"lr": 1e-3}, wandb_mode="offline", total_steps=2)
+    try:
+        run = tr._wandb
+        assert run.name == "sft_then_grpo-gsm8k-tiny-seed3" and run.job_type == "rl"
+        assert run.group == "sft_then_grpo-gsm8k-tiny-seed3-20250101-000000"
+        assert run.config["task"] == {"name": "gsm8k"} and run.config["trainer"] == {"lr": 1e-3}
+        assert tr._bar.desc.startswith("rl")
+    finally:
+        tr.close()
+    outside = Tracker(tmp_path / "plain", wandb_mode="disabled", total_steps=1)  # the context is gone
+    assert outside._bar.desc.startswith("train")
+    outside.close()

@@ -145,7 +145,7 @@ def toy_trainer(tmp_path, **kw):
     from rollout import build_tiny_policy
     from rl.unmask_order import UnmaskOrderTrainer
 
-    cfg = UnmaskOrderConfig(run_dir=str(tmp_path / "run"), per_device_batch_size=2, num_generations=8,
+    cfg = UnmaskOrderConfig(run_dir=str(tmp_path / "run"), per_device_prompts=2, num_generations=8,
                             wandb_mode="disabled", **{"lr": 3e-3, "max_steps": 12, "rollout": RO, **kw})
     rows = [{"prompt": "x" * (1 + i % 5)} for i in range(10)]
     seen = {}

@@ -19,30 +19,26 @@ def target_char_reward(prompts, completions, **_):
 
 def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resume: bool = False,
                  deepspeed: str = "zero0", seed: int = 0, lr: float = 3e-3, beta: float = 0.0,
-                 num_iterations: int = 2, estimator: str = "mean_field", lora: bool = False):
+                 num_iterations: int = 2, estimator: str = "mean_field", lora: bool = False,
+                 micro_batch_size: int = 8, rows: list[dict] | None = None, reward_funcs=None,
+                 reward_weights: list[float] | None = None):
     from rl.config import DiffuGRPOConfig, LoraOptions, RolloutOptions
     from rl.grpo import DiffuGRPOTrainer
     from rollout import build_tiny_policy
 
     policy = build_tiny_policy(seed=seed, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
                                intermediate_size=128)
-    rows = [{"prompt": f"{i:03d}"} for i in range(64)]
+    rows = rows if rows is not None else [{"prompt": f"{i:03d}"} for i in range(64)]
     cfg = DiffuGRPOConfig(
-        run_dir=run_dir, seed=seed, max_steps=max_steps, lr=lr, per_device_batch_size=4, num_generations=4,
+        run_dir=run_dir, seed=seed, max_steps=max_steps, lr=lr, per_device_prompts=4, num_generations=4,
         num_iterations=num_iterations, beta=beta, epsilon=0.5, estimator=estimator,
         estimator_options={"p_mask_prompt": 0.15} if estimator == "mean_field" else {},
-        rewards={"target_char": 1.0}, deepspeed=deepspeed, save_steps=save_steps, resume=resume,
+        deepspeed=deepspeed, save_steps=save_steps, resume=resume,
         rollout=RolloutOptions(gen_length=8, block_length=8, steps=8, temperature=1.0),
         lora=LoraOptions(enabled=lora, r=8, alpha=16, dropout=0.0), sample_table_every=0, export_hf=True,
-        micro_batch_size=8, max_grad_norm=1.0,
+        micro_batch_size=micro_batch_size, max_grad_norm=1.0, reward_weights=reward_weights,
     )
-    return DiffuGRPOTrainer(cfg, policy, rows, reward_fn=_composed())
-
-
-def _composed():
-    from rewards import compose
-
-    return compose([(target_char_reward, 1.0)])
+    return DiffuGRPOTrainer(cfg, policy, rows, reward_funcs=reward_funcs or [target_char_reward])
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,121 @@
+"""Checks between composing the config and building anything heavy: the task has the splits the
+recipe trains and evaluates on, and its prompts (plus ``gen_length``, or SFT responses) fit the
+model's positions. Each failure is one :class:`ConfigError` / :class:`DataError` line, so a
+run never dies on "index 512 is out of bounds" after a whole SFT stage.
+"""
+
+from __future__ import annotations
+
+from recipes.schema import RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, UnmaskOrderConfig
+from rl.tasks import DataError, Task
+
+POSITION_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions")
+
+
+def model_limits(cfg: RunConfig, path: str | None = None):
+    """``(tokenizer, positions)`` of the model group (or the checkpoint at ``path``) without its
+    weights; ``positions`` is None when the config states no limit (or cannot be read here:
+    building the policy then reports why)."""
+    path = path or cfg.model.path
+    if path is None:
+        from rollout.tiny import TINY_MODEL_DEFAULTS, build_tiny_tokenizer
+
+        return build_tiny_tokenizer(), {**TINY_MODEL_DEFAULTS, **dict(cfg.model.tiny)}["max_position_embeddings"]
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError):
+        return None, None
+    return tokenizer, next((getattr(config, k) for k in POSITION_KEYS if getattr(config, k, None)), None)
+
+
+def token_lengths(tokenizer, texts: list, *, exact: int = 32) -> list[int]:
+    """Token counts of prompts as the sampler encodes them (chat template included): a batch
+    estimate for all, then the ``exact`` longest encoded one by one."""
+    from rl.data import encode_prompt
+
+    plain = [i for i, t in enumerate(texts) if isinstance(t, str)]
+    lengths = [0] * len(texts)
+    if plain:
+        overhead = len(encode_prompt(tokenizer, "x")) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
+        ids = tokenizer([texts[i] for i in plain], add_special_tokens=False)["input_ids"]
+        for i, row in zip(plain, ids):
+            lengths[i] = len(row) + overhead
+    longest = sorted(range(len(texts)), key=lambda i: (isinstance(texts[i], str), -lengths[i]))
+    for i in longest[:exact] + [i for i in range(len(texts)) if not isinstance(texts[i], str)]:
+        lengths[i] = len(encode_prompt(tokenizer, texts[i]))
+    return lengths
+
+
+def check_splits(cfg: RunConfig, task: Task, world_size: int = 1) -> None:
+    """The recipe's stages have rows: SFT labelled rows, RL prompts for one global batch, a test split."""
+    for key, _ in RECIPES[cfg.recipe.name]:
+        if not task.has_train:
+            raise DataError(task.missing_train_message())
+        stage = getattr(cfg, key)
+        split = "sft" if isinstance(stage, SFTConfig) else "rl"
+        rows = task.rows(split)
+        if not rows:
+            what = "labelled rows (with a response)" if split == "sft" else "RL prompts"
+            raise DataError(f"task {task.name!r} has no {what} for the {key} stage ({task.source or 'its data'})")
+        need = stage.per_device_batch_size * world_size  # (DPO draws pairs, built from these prompts later)
+        if not isinstance(stage, DPOConfig) and len(rows) < need:
+            raise DataError(f"task {task.name!r}: {len(rows)} rows for the {key} stage, fewer than one global batch "
+                            f"({stage.per_device_batch_size} per device x {world_size} processes)")
+    if not task.rows("test"):
+        raise DataError(f"task {task.name!r}: the test split is empty ({task.source or 'its data'})")
+
+
+def _positions_hint(cfg: RunConfig) -> str:
+    return "model.tiny.max_position_embeddings=<n>" if cfg.model.path is None else "a model with more positions"
+
+
+def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple[str, list[dict], int]], *,
+                  path: str | None = None) -> None:
+    """``uses``: (split, rows, gen_length) for every way rows meet the model; gen_length 0 = SFT
+    (prompt + response, truncated at ``sft.max_length``). ConfigError when one cannot fit."""
+    tokenizer, positions = model_limits(cfg, path)
+    if positions is None:
+        return
+    for split, rows, gen_length in uses:
+        if not rows:
+            continue
+        prompts = token_lengths(tokenizer, [r["prompt"] for r in rows])
+        if gen_length:
+            if max(prompts) + gen_length > positions:
+                raise ConfigError(
+                    f"task {task.name}: the longest {split} prompt is {max(prompts)} tokens; with gen_length={gen_length} "
+                    f"that needs {max(prompts) + gen_length} positions but the model has {positions} "
+                    f"(set {_positions_hint(cfg)}, or shorter prompts / gen_length)")
+            continue
+        sft = cfg.sft
+        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+        longest = max(min(p + max(len(r) + 1, sft.pad_response_to), sft.max_length) for p, r in zip(prompts, responses))
+        if longest > positions:
+            raise ConfigError(f"task {task.name}: SFT examples reach {longest} tokens (sft.max_length={sft.max_length}) but "
+                              f"the model has {positions} positions (set sft.max_length={positions} or "
+                              f"{_positions_hint(cfg)})")
+
+
+def check_training(cfg: RunConfig, task: Task, world_size: int = 1) -> None:
+    """Everything a training recipe needs from its task before the first stage starts."""
+    check_splits(cfg, task, world_size)
+    uses = [("val", task.rows("val"), cfg.rollout.gen_length), ("test", task.rows("test"), cfg.rollout.gen_length)]
+    for key, _ in RECIPES[cfg.recipe.name]:
+        stage = getattr(cfg, key)
+        if isinstance(stage, SFTConfig):
+            uses.append(("sft", task.rows("sft"), 0))
+        else:
+            ro = stage.rollout if isinstance(stage, (DiffuGRPOConfig, UnmaskOrderConfig)) else cfg.rollout
+            uses.append(("rl", task.rows("rl"), ro.gen_length))
+    check_lengths(cfg, task, uses)
+
+
+def check_eval(cfg: RunConfig, task: Task, rows: list[dict]) -> None:
+    """The eval recipe on one task: test rows exist and fit at the longest evaluated length."""
+    if not rows:
+        raise DataError(f"task {task.name!r}: the test split is empty ({task.source or 'its data'})")
+    check_lengths(cfg, task, [("test", rows, max(list(cfg.eval.gen_lengths) or [cfg.rollout.gen_length]))],
+                  path=cfg.eval.checkpoint)
