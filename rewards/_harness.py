@@ -53,9 +53,10 @@ class _TooBig(Exception):
 
 
 class Remote:
-    """An object that lives in the peer process. In the tests it cannot be compared or used as a
-    truth value (the candidate would decide the outcome); it can be called, iterated, indexed, and
-    (candidate objects only) have attributes read, each over the channel."""
+    """An object that lives in the peer process. In the tests (strict) it is not plain data: it can
+    be called, have attributes read and be passed back, nothing else (no comparison, truth value,
+    length, iteration: the candidate would decide the outcome). In the candidate, objects of the
+    tests (functions, iterators they pass in) can be called, iterated and indexed."""
 
     __slots__ = ("_ch", "_rid", "_tname")
 
@@ -65,6 +66,8 @@ class Remote:
         object.__setattr__(self, "_tname", tname)
 
     def _op(self, op: str, *args, **kwargs):
+        if self._ch.strict and op not in ("call", "getattr"):
+            raise TypeError(f"a {self._tname} from the candidate is not plain data (only calls and attributes reach it)")
         return self._ch.request(op, self._rid, args, kwargs)
 
     def __call__(self, *args, **kwargs):
@@ -97,13 +100,11 @@ class Remote:
         return self._op("contains", item) is True
 
     def __bool__(self):
-        if self._ch.strict:
-            raise TypeError(f"a {self._tname} returned by the candidate has no truth value here")
         return self._op("bool") is True
 
     def _no_compare(self, other):
         if self._ch.strict:
-            raise TypeError(f"a {self._tname} returned by the candidate cannot be compared")
+            raise TypeError(f"a {self._tname} from the candidate cannot be compared")
         return NotImplemented
 
     __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _no_compare
@@ -152,6 +153,11 @@ class Channel:
             return ["B" if t is bytes else "A", x.hex()]
         if t is complex:
             return ["C", repr(x.real), repr(x.imag)]
+        if t is range:
+            return ["N", x.start, x.stop, x.step]
+        if not self.strict and _is_builtin_iterator(t):
+            # the candidate's generators and builtin iterators travel as their items (run here)
+            return ["G", [self.encode(v, _depth + 1, budget) for v in _bounded(x, budget)]]
         if t is Remote and x._ch is self:
             return ["P", x._rid]
         rid = self._ids.get(id(x))
@@ -181,6 +187,10 @@ class Channel:
             return (bytes if tag == "B" else bytearray).fromhex(e[1])
         if tag == "C":
             return complex(float(e[1]), float(e[2]))
+        if tag == "N":
+            return range(*(self.decode(v, _depth + 1) for v in e[1:4]))
+        if tag == "G":
+            return iter([self.decode(v, _depth + 1) for v in e[1]])
         if tag == "R":
             return Remote(self, int(e[1]), str(e[2])[:100])
         if tag == "P":
@@ -288,6 +298,18 @@ class Channel:
                 self.serve(msg)
 
 
+def _is_builtin_iterator(t: type) -> bool:
+    return t is types.GeneratorType or (getattr(t, "__module__", None) in ("builtins", "itertools")
+                                        and hasattr(t, "__next__"))
+
+
+def _bounded(it, budget: list):
+    for v in it:
+        if budget[0] <= 0:
+            raise _TooBig
+        yield v
+
+
 def _apply(op: str, obj, args: list, kwargs: dict):
     if op == "call":
         return obj(*args, **kwargs)
@@ -355,7 +377,7 @@ def _candidate(job: dict) -> None:
             continue
         if isinstance(v, types.ModuleType):
             if type(v.__name__) is str:
-                names.append([k, ["M", v.__name__]])
+                names.append([k, ["M", v.__name__], None])
             continue
         try:
             names.append([k, ch.encode(v, _budget=[10_000]), _origin(v)])
@@ -495,6 +517,37 @@ def _apply_limits(lim: dict) -> None:
         resource.setrlimit(which, (v, v))
 
 
+def _undumpable() -> None:
+    """/proc/<pid> of ours belongs to root from now on: the candidate cannot lower its
+    oom_score_adj, nor open the fds or memory of another process of its uid (our init, or the
+    tests in unsafe mode). The seccomp filter forbids setting the flag back."""
+    import ctypes
+
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE
+
+
+def _fork_init() -> None:
+    """We are pid 1 of the sandbox's pid namespace: fork, and stay behind as its init. The init
+    holds no descriptor, reaps, and leaves with the child; its exit makes the kernel kill every
+    other process of the namespace. It keeps its parent-death signal (set by bwrap
+    ``--die-with-parent`` or ``unshare --kill-child``; it never changes uid), and the candidate
+    cannot reach it to clear it (undumpable)."""
+    child = os.fork()
+    if child == 0:
+        return
+    os.closerange(0, 1 << 16)
+    status = 1
+    while True:
+        try:
+            pid, st = os.wait()
+        except ChildProcessError:
+            break
+        if pid == child:
+            status = os.waitstatus_to_exitcode(st)
+            break
+    os._exit(status if 0 <= status < 256 else 1)
+
+
 def _lifeline_ok(fd: int | None) -> bool:
     """False if the trainer is gone: the pipe's write end lives only in the trainer."""
     return fd is None or not select.select([fd], [], [], 0)[0]
@@ -506,23 +559,25 @@ def main() -> None:
         job = json.loads(f.read())
     if not _lifeline_ok(job.get("lifeline")):
         os._exit(70)
-    if job.get("jail"):
+    jail = job.get("jail")
+    if jail:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         import _jail
 
         del sys.path[0]
-        _jail.enter(job["jail"])
+        _jail.enter(jail)
     else:
         try:
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write("1000")  # first in line for the OOM killer
         except OSError:
             pass
-    # undumpable: /proc/<pid> of ours belongs to root, so the candidate cannot lower its
-    # oom_score_adj, and same-uid processes (unsafe mode) cannot open our fds or memory
-    import ctypes
-
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE; the seccomp filter forbids setting it back
+    _undumpable()
+    if job.get("init"):
+        _fork_init()
+    if jail:
+        _jail.drop(jail)
+        _undumpable()
     os.chdir(job.get("cwd") or "/tmp")
     keep = sorted({0, 1, 2} | {job[k] for k in ("rfd", "wfd", "result_fd") if job.get(k) is not None})
     for lo, hi in zip(keep, keep[1:] + [1 << 16]):

@@ -5,9 +5,8 @@ The parent builds the filter with `seccomp_filter` (bwrap loads it with ``--secc
 ``unshare`` backend `enter` runs inside fresh mount/pid/net/ipc/uts namespaces, as root, before
 any untrusted code: it joins the sample's cgroups, marks the sandbox first in line for the OOM
 killer, builds a new root from the mount plan (the same plan bwrap gets as arguments), pivots into
-it, forks, and returns in the child after dropping to the sample's unprivileged host uid, setting
-``no_new_privs`` and loading the filter. The parent of that child stays behind as the namespace's
-init: it reaps, and exits with the child, which tears the whole namespace down.
+it; after the harness has forked the namespace's init, `drop` makes the child the sample's
+unprivileged host uid for good (no capabilities, ``no_new_privs``, the filter).
 
 Imports nothing from the package (the harness loads it by path before pivoting).
 """
@@ -193,17 +192,21 @@ def build_root(plan: list[list], stage: str) -> None:
 
 
 def enter(jail: dict) -> None:
-    """Run as root, pid 1 of fresh namespaces; returns in an unprivileged child (see module doc)."""
+    """As root, pid 1 of fresh namespaces: join the sample's cgroups, go first in line for the OOM
+    killer, build the view and pivot into it. The harness then forks its init and calls `drop`."""
     for procs in jail.get("cgroups", []):
         with open(procs, "w") as f:
             f.write(str(os.getpid()))
     with open("/proc/self/oom_score_adj", "w") as f:
-        f.write("1000")  # as root: also the floor, so the candidate cannot lower it
+        f.write("1000")
+    _libc().sethostname(b"sandbox", 7)
     build_root(jail["plan"], jail["stage"])
-    pid = os.fork()
-    if pid:
-        _init(pid)
-    for cap in range(64):  # empty the bounding set too
+
+
+def drop(jail: dict) -> None:
+    """Become the sample's unprivileged uid for good: no capabilities (bounding set included),
+    ``no_new_privs``, the seccomp filter."""
+    for cap in range(64):
         _libc().prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP; EINVAL past the last capability
     uid = int(jail["uid"])
     os.setgroups([])
@@ -212,20 +215,3 @@ def enter(jail: dict) -> None:
     _check(_libc().prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
     if jail.get("seccomp"):
         load_seccomp(bytes.fromhex(jail["seccomp"]))
-
-
-def _init(child: int) -> None:
-    """The namespace's init: holds no descriptor, reaps, and leaves with `child`; its exit makes the
-    kernel kill everything else in the namespace. Its own death signal (set by ``unshare
-    --kill-child``) is kept: it never changes uid."""
-    os.closerange(0, 1 << 16)
-    status = 1
-    while True:
-        try:
-            pid, st = os.wait()
-        except ChildProcessError:
-            break
-        if pid == child:
-            status = os.waitstatus_to_exitcode(st)
-            break
-    os._exit(status if 0 <= status < 256 else 1)

@@ -289,7 +289,7 @@ class Sandbox:
                 staged = [(src, f"{stage}/{i}") for i, src in enumerate(hidden)]
         where = dict(staged)
         argv = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
-                "--die-with-parent", "--new-session", "--clearenv", "--hostname", "sandbox"]
+                "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv", "--hostname", "sandbox"]
         if "--disable-userns" in _bwrap_help():
             argv.append("--disable-userns")
         for op in plan:
@@ -338,7 +338,7 @@ class Sandbox:
         job_fd = os.memfd_create("job", 0)
         seccomp_r = None
         try:
-            payload = dict(payload, lifeline=_lifeline(), limits=self._limits(mode))
+            payload = dict(payload, lifeline=_lifeline(), limits=self._limits(mode), init=mode != "unsafe")
             if mode == "bwrap":
                 if self.seccomp:
                     seccomp_r, w = os.pipe()
