@@ -11,6 +11,7 @@ import torch
 
 from recipes.evaluation import _world
 from recipes.schema import RunConfig
+from rl import distributed as D
 from rl.data import encode_prompt, left_pad
 from rl.tasks import Task
 
@@ -30,8 +31,6 @@ def order_config(cfg: RunConfig, stage_dir: Path):
 @torch.no_grad()
 def order_accuracy(policy, task: Task, rows: list[dict], ro, *, batch_size: int, seed: int) -> float:
     """Exact-solve accuracy with the learned order (greedy top-k of the head's scores)."""
-    import torch.distributed as dist
-
     from rl.unmask_order import PlackettLuceOrder, generate_with_order
 
     rank, world = _world()
@@ -46,9 +45,7 @@ def order_accuracy(policy, task: Task, rows: list[dict], ro, *, batch_size: int,
         hook = PlackettLuceOrder(policy.head, gen_length=ro.gen_length, greedy=True)
         out = generate_with_order(policy.dllm, hook, ids.to(device), mask.to(device), ro, generator=g)
         correct += sum(task.correct(chunk, out.decode(policy.tokenizer)))
-    stats = torch.tensor([correct, len(mine)], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(stats)
+    stats = D.all_reduce_sum([correct, len(mine)])
     return stats[0].item() / max(stats[1].item(), 1.0)
 
 
@@ -61,18 +58,23 @@ def train_unmask_order(cfg: RunConfig, task: Task, stage_dir: Path, dllm) -> dic
     bs = cfg.recipe.eval_batch_size
     val = task.rows("val")
 
+    state = {}
+
     def eval_fn(module, step: int) -> dict:
+        # this rank's full weights (gathered under ZeRO-3): ranks must agree on it
+        state["param_checksum"] = float(sum(p.detach().double().sum() for p in module.parameters()))
         return {"eval/val_accuracy": order_accuracy(module, task, val, ro, batch_size=bs, seed=cfg.seed)} if val else {}
 
     trainer = UnmaskOrderTrainer(config, dllm, task.rows("rl"), eval_fn=eval_fn, reward_fn=task.reward_fn())
     last = trainer.train()
-    from rl.engine import unwrap
+    from rl.engine import gathered_for_generation
 
-    policy = unwrap(trainer.engine).eval()
     test = task.rows("test")
-    baseline = evaluate_rows(policy.dllm, task, test, ro, batch_size=bs, seed=cfg.seed)
-    learned = order_accuracy(policy, task, test, ro, batch_size=bs, seed=cfg.seed)
+    with gathered_for_generation(trainer.engine) as policy:  # full weights: ranks may run different step counts
+        policy.eval()
+        baseline = evaluate_rows(policy.dllm, task, test, ro, batch_size=bs, seed=cfg.seed)
+        learned = order_accuracy(policy, task, test, ro, batch_size=bs, seed=cfg.seed)
     return {"train": {k: v for k, v in last.items() if not k.startswith("timing/")},
             "checkpoint": str(stage_dir / "final"), "eval/accuracy": learned,
             "eval/accuracy_low_confidence_order": baseline["eval/accuracy"],
-            "rollout_steps": ro.steps}
+            "rollout_steps": ro.steps, **state}

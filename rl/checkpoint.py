@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -205,7 +205,8 @@ def load_checkpoint(engine, run_dir: str | Path, *, generators: dict[str, torch.
 
 
 def _hf_target(module: nn.Module) -> tuple[nn.Module, str]:
-    """The HF (or peft) model inside ``module`` and its key prefix in ``module.state_dict()``."""
+    """The HF (or peft) model inside ``module`` and its key prefix in ``module.state_dict()``,
+    looking through ``.dllm`` (an order policy) and ``.model`` (a policy adapter)."""
     from transformers import PreTrainedModel
 
     try:
@@ -213,13 +214,16 @@ def _hf_target(module: nn.Module) -> tuple[nn.Module, str]:
         kinds: tuple = (PreTrainedModel, PeftModel)
     except ImportError:  # peft is optional for export
         kinds = (PreTrainedModel,)
-    if isinstance(module, kinds):
-        return module, ""
-    inner = getattr(module, "model", None)
-    if isinstance(inner, kinds):
-        return inner, "model."
+    found, prefix = module, ""
+    for _ in range(3):
+        if isinstance(found, kinds):
+            return found, prefix
+        attr = next((a for a in ("dllm", "model") if isinstance(getattr(found, a, None), nn.Module)), None)
+        if attr is None:
+            break
+        found, prefix = getattr(found, attr), f"{prefix}{attr}."
     raise TypeError(f"export_hf: {type(module).__name__} is neither a transformers/peft model nor a wrapper "
-                    "with such a model in `.model`")
+                    "with such a model in `.model` / `.dllm`")
 
 
 def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,12 +255,15 @@ def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
-def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serialization: bool = True) -> Path:
+def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serialization: bool = True,
+              extra_files: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None) -> Path:
     """Write a ``from_pretrained``-loadable checkpoint of the policy (LoRA merged) to ``out_dir``.
 
     Accepts a DeepSpeed engine (any ZeRO stage: weights are consolidated on rank 0) or a
-    module; a wrapper such as ``rollout.PolicyAdapter`` is unwrapped via ``.model``. The
-    directory is written under a temporary name and renamed, so it is never half-written.
+    module; wrappers are looked through (``rollout.PolicyAdapter.model``, an order policy's
+    ``.dllm``). ``extra_files(full_state_dict) -> {name: object}``: more files, written with
+    ``torch.save`` beside the model (rank 0, from the same consolidated weights).
+    The directory is written under a temporary name and renamed, so it is never half-written.
     Every rank must call this with an engine; only rank 0 writes.
     """
     from rl.engine import consolidated_state_dict, unwrap
@@ -264,10 +271,10 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serializa
     module = unwrap(engine_or_model)
     target, prefix = _hf_target(module)
     is_engine = module is not engine_or_model
-    sd = consolidated_state_dict(engine_or_model) if is_engine else module.state_dict()
+    full = consolidated_state_dict(engine_or_model) if is_engine else module.state_dict()
     out_dir = Path(out_dir)
     if D.get_rank() == 0:
-        sd = {k[len(prefix):]: v.detach().cpu() for k, v in sd.items() if k.startswith(prefix)}
+        sd = {k[len(prefix):]: v.detach().cpu() for k, v in full.items() if k.startswith(prefix)}
         base = target
         if hasattr(target, "peft_config"):
             sd = _merge_lora(target, sd)
@@ -277,6 +284,8 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serializa
         base.save_pretrained(tmp, state_dict=sd, safe_serialization=safe_serialization)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for name, obj in (extra_files(full) if extra_files else {}).items():
+            torch.save(obj, tmp / name)
         _fsync_tree(tmp)
         old = out_dir.with_name(f".old-{out_dir.name}-{os.getpid()}")
         if out_dir.exists():

@@ -63,13 +63,30 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     return box[0]
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    """Mean of a tensor over ranks (a new tensor; the input is left untouched)."""
-    t = t.detach().clone()
+def collective_device() -> torch.device:
+    """Where a collective's tensors must live: this rank's GPU under NCCL (which rejects CPU
+    tensors), the CPU otherwise (gloo)."""
+    if is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(values) -> torch.Tensor:
+    """Sum over ranks of ``values`` (numbers, or a tensor on any device), as a float64 CPU tensor.
+    One collective; the one host sync is the copy back."""
+    t = torch.as_tensor(values, dtype=torch.float64).detach().to(collective_device(), copy=True)
     if is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
+    return t.cpu()
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    """Mean of a tensor over ranks (a new tensor on the input's device; the input is left untouched)."""
+    out = t.detach().to(collective_device(), copy=True)
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        out /= dist.get_world_size()
+    return out.to(t.device)
 
 
 def free_port() -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from rl import distributed as D
 from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
 from rl.config import TrainerConfig
 from rl.data import ShuffledIterator
@@ -50,8 +51,10 @@ def seeded_generator(seed: int, purpose: str, rank: int, device: torch.device | 
     return g
 
 
-def apply_lora(policy: torch.nn.Module, options) -> None:
-    """Replace ``policy.model`` by a peft LoRA model (only adapter weights train)."""
+def apply_lora(policy: torch.nn.Module, options, seed: int = 0) -> None:
+    """Replace ``policy.model`` by a peft LoRA model (only adapter weights train). peft draws the
+    adapters' initial weights from the global RNG: they are drawn from ``seed`` here, in a forked
+    RNG state, so a LoRA run is reproducible and the caller's RNG stream is untouched."""
     from peft import LoraConfig, get_peft_model
 
     present = {name.split(".")[-1] for name, _ in policy.model.named_modules()}
@@ -60,7 +63,19 @@ def apply_lora(policy: torch.nn.Module, options) -> None:
         raise ValueError(f"lora.target_modules={list(options.target_modules)} match no module of the model "
                          f"(linear layers here: {sorted(present)[:20]} ...)")
     cfg = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets)
-    policy.model = get_peft_model(policy.model, cfg)
+    devices = [policy.model.device] if getattr(policy.model, "device", torch.device("cpu")).type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        policy.model = get_peft_model(policy.model, cfg)
+
+
+def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
+    """Recompute each decoder layer's activations in the backward pass (transformers models);
+    non-reentrant, so it also works when only LoRA adapters require grad."""
+    model = getattr(policy, "model", policy)
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing=True: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 class Trainer:
@@ -81,8 +96,10 @@ class Trainer:
         self.device = next(policy.parameters()).device
         self.generators = {name: seeded_generator(config.seed, name, self.rank, self.device)
                            for name in self.generator_names()}
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.adapter())
         if config.lora.enabled:
-            apply_lora(policy, config.lora)
+            apply_lora(self.adapter(), config.lora, seed=config.seed)
         ds_config = resolve_deepspeed_config(config.deepspeed)
         # A frozen copy is taken before DeepSpeed partitions the policy; with LoRA the reference
         # is the same network with its adapters disabled (no copy at all).
@@ -105,6 +122,10 @@ class Trainer:
         self.tracker: Tracker | None = None
 
     # ---- hooks for subclasses -------------------------------------------------------------
+    def adapter(self) -> torch.nn.Module:
+        """The policy adapter whose ``.model`` (the HF model) LoRA and gradient checkpointing apply to."""
+        return self.policy
+
     def generator_names(self) -> tuple[str, ...]:
         return ("mask",)
 
@@ -168,15 +189,14 @@ class Trainer:
         return self.reduce_metrics(metrics)
 
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
-        """Mean over ranks with one collective; tensors become floats here, once per step."""
+        """Mean over ranks with one collective (on the process group's device); tensors become
+        floats here, once per step."""
         if not metrics:
             return {}
         keys = sorted(metrics)
-        vec = torch.tensor([float(metrics[k]) for k in keys], dtype=torch.float64)
-        if self.world_size > 1:
-            dist.all_reduce(vec)
-            vec /= self.world_size
-        return dict(zip(keys, vec.tolist()))
+        values = torch.stack([torch.as_tensor(metrics[k], dtype=torch.float64, device=self.device).detach().reshape(())
+                              for k in keys])
+        return dict(zip(keys, (D.all_reduce_sum(values) / self.world_size).tolist()))
 
     def export_final(self) -> None:
         """Write run_dir/final; a trainer whose module is not an HF model wrapper overrides this."""

@@ -8,7 +8,8 @@ predict token i+1). ``forward`` always returns logits aligned so ``logits[:, i]`
 always a prompt token and never scored).
 
 The adapter is an ``nn.Module`` so that trainers can wrap it in a DeepSpeed engine and call the
-engine like the model.
+engine like the model. Published LLaDA / Dream folders load into our own implementations of those
+architectures (:mod:`rollout.models`); other models through transformers' Auto classes.
 """
 
 from __future__ import annotations
@@ -40,15 +41,21 @@ class KnownModel:
 
     mask_token_id: int | None  # None: take it from the config / tokenizer
     logits_shifted: bool
-    kv_cache: bool  # forward takes ``past_key_values`` (a transformers Cache) + ``position_ids``
 
 
 # model_type -> defaults. LLaDA: GSAI-ML/LLaDA-8B-Instruct; Dream: Dream-org/Dream-v0-Instruct-7B.
 KNOWN_MODELS: dict[str, KnownModel] = {
-    "llada": KnownModel(mask_token_id=126336, logits_shifted=False, kv_cache=False),
-    "dream": KnownModel(mask_token_id=151666, logits_shifted=True, kv_cache=False),
-    "eurobert": KnownModel(mask_token_id=None, logits_shifted=False, kv_cache=True),  # the tiny model
+    "llada": KnownModel(mask_token_id=126336, logits_shifted=False),
+    "dream": KnownModel(mask_token_id=151666, logits_shifted=True),
 }
+
+# Masked-LM classes whose logits are exactly ``lm_head(trunk(x).last_hidden_state)``: (trunk, head)
+# attribute names. Fused scoring needs this split.
+_HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head"), "BertForMaskedLM": ("bert", "cls"),
+                  "LLaDAForMaskedLM": ("model", "lm_head"), "DreamForMaskedLM": ("model", "lm_head")}
+# Classes verified with the sampler's block KV cache: forward appends to a transformers Cache given
+# as ``past_key_values``, takes ``position_ids`` and passes a prepared 4D mask through.
+_CACHE_CLASSES = ("EuroBertForMaskedLM", "LLaDAForMaskedLM", "DreamForMaskedLM")
 
 
 def known_model(config) -> KnownModel | None:
@@ -59,14 +66,15 @@ def known_model(config) -> KnownModel | None:
 
 def resolve_model_ids(config, tokenizer=None, *, name: str = "model", mask_token_id: int | None = None,
                       logits_shifted: bool | None = None) -> tuple[int, bool]:
-    """Mask id and logit shift for a model: explicit argument > known family > config > tokenizer.
+    """Mask id: explicit argument > ``config.mask_token_id`` > known family > tokenizer; logit shift:
+    explicit argument > known family > unshifted.
 
     Raises one ``ValueError`` naming the model when no mask id can be found."""
     known = known_model(config)
-    if mask_token_id is None and known is not None:
-        mask_token_id = known.mask_token_id
     if mask_token_id is None:
         mask_token_id = getattr(config, "mask_token_id", None)
+    if mask_token_id is None and known is not None:
+        mask_token_id = known.mask_token_id
     if mask_token_id is None and tokenizer is not None:
         mask_token_id = getattr(tokenizer, "mask_token_id", None)
     if mask_token_id is None:
@@ -105,13 +113,9 @@ class PolicyAdapter(nn.Module):
                                             getattr(config, "eos_token_id", None))
         self.pad_token_id = _first_not_none(pad_token_id, getattr(tok, "pad_token_id", None),
                                             getattr(config, "pad_token_id", None), self.eos_token_id)
-        known = known_model(config)
         self._takes_position_ids = "position_ids" in inspect.signature(model.forward).parameters
-        takes_cache = _forward_takes_cache(model)
-        # Block KV caching needs unshifted logits (it queries only the current block) and a forward
-        # that appends to a transformers Cache with explicit position_ids; verified: KNOWN_MODELS[*].kv_cache.
-        self.supports_kv_cache = bool(known is not None and known.kv_cache and takes_cache
-                                      and not self.logits_shifted)
+        # Block KV caching needs a forward that appends to a transformers Cache (see _CACHE_CLASSES).
+        self.supports_kv_cache = type(_base_model(model)).__name__ in _CACHE_CLASSES
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -129,7 +133,7 @@ class PolicyAdapter(nn.Module):
     @property
     def fused_scoring(self) -> bool:
         """Whether ``forward(..., score_targets=...)`` is available (LM head split from the trunk)."""
-        return not self.logits_shifted and _split_head(self.model) is not None
+        return _split_head(self.model) is not None
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
@@ -153,10 +157,12 @@ class PolicyAdapter(nn.Module):
         raw_keep = logits_to_keep + 1 if (logits_to_keep and self.logits_shifted) else logits_to_keep
         split = _split_head(self.model) if raw_keep and not output_hidden_states else None
         if score_targets is not None:
-            if split is None or self.logits_shifted or score_targets.shape[1] != logits_to_keep:
+            if split is None or score_targets.shape[1] != logits_to_keep:
                 raise ValueError("score_targets needs fused_scoring and score_targets.shape[1] == logits_to_keep")
             trunk, head = split
-            h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state[:, -logits_to_keep:]
+            h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state
+            # shifted models predict token i from position i - 1
+            h = h[:, -logits_to_keep - 1:-1] if self.logits_shifted else h[:, -logits_to_keep:]
             return PolicyOutput(token_logps=_scored_logprobs(head, h, score_targets))
         if split is not None:
             trunk, head = split
@@ -182,11 +188,21 @@ class PolicyAdapter(nn.Module):
                         **model_kwargs) -> "PolicyAdapter":
         """Load model + tokenizer by hub name or local path.
 
-        Tries ``AutoModelForMaskedLM`` and falls back to ``AutoModel`` (LLaDA and Dream register
-        their remote code under ``AutoModel``). Known families fill the mask id and logit shift."""
+        A published LLaDA or Dream folder (``model_type`` ``llada`` / ``Dream``) loads into our
+        implementation of its architecture (:mod:`rollout.models`; no remote code runs for the
+        model, ``trust_remote_code`` then only concerns the tokenizer). Anything else: transformers'
+        ``AutoModelForMaskedLM``, falling back to ``AutoModel``. Known families fill the mask id
+        and logit shift."""
         from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        from rollout.models import native_class, read_config_dict
+
+        native = native_class(read_config_dict(name_or_path).get("model_type"))
+        if native is not None:
+            config = native.config_class.from_pretrained(name_or_path)
+            config.layer_config()  # one line naming what is unsupported, before any weights load
+        else:
+            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):
@@ -194,13 +210,17 @@ class PolicyAdapter(nn.Module):
         # Fail on the ids before loading (possibly billions of) weights.
         resolve_model_ids(config, tokenizer, name=str(name_or_path), mask_token_id=mask_token_id,
                           logits_shifted=logits_shifted)
-        kw = dict(config=config, trust_remote_code=trust_remote_code, **model_kwargs)
+        kw = dict(config=config, **model_kwargs)
         if dtype is not None:
             kw["dtype"] = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-        try:
-            model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kw)
-        except ValueError:  # "Unrecognized configuration class ... for AutoModelForMaskedLM"
-            model = AutoModel.from_pretrained(name_or_path, **kw)
+        if native is not None:
+            model = native.from_pretrained(name_or_path, **kw)
+        else:
+            kw["trust_remote_code"] = trust_remote_code
+            try:
+                model = AutoModelForMaskedLM.from_pretrained(name_or_path, **kw)
+            except ValueError:  # "Unrecognized configuration class ... for AutoModelForMaskedLM"
+                model = AutoModel.from_pretrained(name_or_path, **kw)
         if device is not None:
             model = model.to(device)
         return cls(model, tokenizer, mask_token_id=mask_token_id, logits_shifted=logits_shifted,
@@ -218,15 +238,16 @@ def _unshift(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([t[:, :1], t[:, :-1]], dim=1)
 
 
-# Masked-LM classes whose logits are exactly ``lm_head(trunk(x).last_hidden_state)``.
-_HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head"), "BertForMaskedLM": ("bert", "cls")}
+def _base_model(model: nn.Module) -> nn.Module:
+    """The model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _split_head(model: nn.Module):
     """``(trunk, head)`` for models whose LM head is applied directly to the trunk's last hidden
     state (peft wrappers looked through), so scoring a completion needs the head only on its
-    positions; None for others (LLaDA/Dream remote code: full logits, then a slice)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    positions; None for others (remote code: full logits, then a slice)."""
+    base = _base_model(model)
     names = _HEAD_ON_TRUNK.get(type(base).__name__)
     if names is None:
         return None
@@ -252,13 +273,6 @@ def _scored_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, ch
     return out
 
 
-def _forward_takes_cache(model: nn.Module) -> bool:
-    """``forward`` accepts ``position_ids`` and ``past_key_values`` (by name or through ``**kwargs``)."""
-    params = inspect.signature(model.forward).parameters
-    var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    return "position_ids" in params and ("past_key_values" in params or var_kw)
-
-
 def unwrap_model(model: nn.Module) -> nn.Module:
     """Strip engine/DDP wrappers (anything exposing the wrapped module as ``.module``)."""
     seen = 0
@@ -271,15 +285,12 @@ def kv_cache_support(model: nn.Module) -> tuple[bool, str]:
     """Whether the sampler's block KV cache can drive ``model`` (an adapter, engine or HF model)."""
     inner = unwrap_model(model)
     if isinstance(inner, PolicyAdapter):
-        if inner.logits_shifted:
-            return False, "its logits are shifted (Dream-style); the block cache queries only the current block"
         if not inner.supports_kv_cache:
-            return False, (f"model_type={getattr(inner.config, 'model_type', None)!r} is not verified for the block "
-                           f"cache (forward must append to a transformers Cache given as `past_key_values` and take "
-                           f"`position_ids`); set adapter.supports_kv_cache = True to opt in")
+            return False, (f"{type(_base_model(inner.model)).__name__} is not verified for the block cache (forward "
+                           f"must append to a transformers Cache given as `past_key_values` and take `position_ids`; "
+                           f"verified: {', '.join(_CACHE_CLASSES)}); set adapter.supports_kv_cache = True to opt in")
         return True, ""
-    known = known_model(getattr(inner, "config", None))
-    if known is not None and known.kv_cache and _forward_takes_cache(inner):
+    if type(_base_model(inner)).__name__ in _CACHE_CLASSES:
         return True, ""
     return False, (f"{type(inner).__name__} is not a model verified for the block cache (see docs/models.md); "
                    f"wrap it in rollout.PolicyAdapter and set supports_kv_cache = True to opt in")

@@ -108,6 +108,8 @@ class _Denoiser:
         self.full_mask = full_mask if cfg_scale == 0 or full_mask is None else torch.cat([full_mask, full_mask])
         self.passes = 2 if cfg_scale > 0 else 1
         self.cache: BlockKVCache | None = None
+        # a shifted model (Dream) predicts position i from position i - 1: windows start one earlier
+        self.shift = int(bool(getattr(unwrap_model(model), "logits_shifted", False)))
         # positions count real tokens (left padding shifts nothing), the same in full and window passes
         self.positions = None if self.full_mask is None else (self.full_mask.long().cumsum(-1) - 1).clamp(min=0)
 
@@ -128,7 +130,7 @@ class _Denoiser:
             pos = self.positions if self.positions is not None else torch.arange(N, device=x.device)[None]
             out = self.model(x, attention_mask=self.full_mask, position_ids=pos, past_key_values=self.cache, **kw)
         else:
-            q0, q1 = s0, (N if self.kv_cache == "prefix" else e0)
+            q0, q1 = s0 - self.shift, (N if self.kv_cache == "prefix" else e0)
             self.cache.set_window(q0)
             pos = (self.positions[:, q0:q1] if self.positions is not None
                    else torch.arange(q0, q1, device=x.device)[None])

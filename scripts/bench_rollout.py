@@ -9,6 +9,8 @@ the baseline, and task accuracy, plus untrained-model sanity rows.
 
     .venv/bin/python scripts/bench_rollout.py            # train ~30 s, then bench (~1 min total unloaded)
     .venv/bin/python scripts/bench_rollout.py --model PATH --gen-length 256 --block-length 32
+    .venv/bin/python scripts/bench_rollout.py --arch llada --save runs/llada20m   # a 20.6M LLaDA-architecture model
+    .venv/bin/python scripts/bench_rollout.py --model runs/llada20m                # its published-layout folder
 """
 
 from __future__ import annotations
@@ -26,6 +28,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rl.losses import diffusion_sft_loss  # noqa: E402
 from rollout import PolicyAdapter, build_tiny_policy, generate  # noqa: E402
+from rollout.models import LLaDAConfig, LLaDAForMaskedLM  # noqa: E402
+from rollout.tiny import build_tiny_tokenizer  # noqa: E402
+
+# LLaDA's architecture (Llama blocks, bidirectional) at ~20.6M parameters with the built-in tokenizer.
+LLADA_BENCH = dict(d_model=512, n_heads=8, n_layers=6, mlp_hidden_size=1536, activation_type="silu",
+                   block_type="llama", rope=True, rope_theta=500000.0, layer_norm_type="rms", weight_tying=False,
+                   max_sequence_length=1024, init_std=0.02, attention_dropout=0.0, residual_dropout=0.0,
+                   embedding_dropout=0.0)
+
+
+def build_policy(arch: str, seed: int, published_code: str | None = None) -> PolicyAdapter:
+    """A fresh model: the built-in tiny one, or LLaDA's architecture in its published layout
+    (``published_code``: a folder with LLaDA's .py files to ship beside the weights)."""
+    if arch == "tiny":
+        return build_tiny_policy(seed=seed)
+    tok = build_tiny_tokenizer()
+    config = LLaDAConfig(**LLADA_BENCH, vocab_size=len(tok), embedding_size=-(-len(tok) // 128) * 128,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LLaDAForMaskedLM(config)
+    if published_code:
+        model.published_files = {p.name: p.read_text() for p in Path(published_code).glob("*.py")}
+    return PolicyAdapter(model, tok)
 
 OPS = {"copy": lambda d: d, "reverse": lambda d: d[::-1], "sort": lambda d: "".join(sorted(d))}
 
@@ -132,6 +158,9 @@ def print_table(rows):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a trained model path / hub name (skips training)")
+    ap.add_argument("--arch", choices=("tiny", "llada"), default="tiny", help="model to train when --model is not given")
+    ap.add_argument("--published-code", help="with --arch llada --save: copy LLaDA's .py files (e.g. "
+                    "../shared/models/llada) into the saved folder so the published code loads it too")
     ap.add_argument("--gen-length", type=int, default=256)
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=None, help="baseline denoising steps (default: gen_length)")
@@ -151,15 +180,19 @@ def main(argv=None):
 
     if args.model:
         policy = PolicyAdapter.from_pretrained(args.model).eval()
+        arch = "llada" if policy.config.model_type == "llada" else "tiny"
         train_note = f"model {args.model}"
     else:
-        policy = build_tiny_policy(seed=args.seed)
+        arch = args.arch
+        policy = build_policy(arch, args.seed, args.published_code)
         t0 = time.perf_counter()
         loss = train(policy, args)
-        train_note = (f"tiny model trained {args.train_steps} steps x {args.train_batch} in "
+        train_note = (f"{arch} model trained {args.train_steps} steps x {args.train_batch} in "
                       f"{time.perf_counter() - t0:.0f}s (final loss {loss:.3f})")
         if args.save:
             policy.save_pretrained(args.save)
+    n_params = sum(p.numel() for p in policy.parameters())
+    train_note += f"; {type(policy.model).__name__}, {n_params / 1e6:.1f}M parameters"
 
     examples = make_examples(random.Random(args.seed + 1000), args.batch)
     ids, mask = encode_prompts(policy.tokenizer, [p for p, _ in examples])
@@ -183,7 +216,7 @@ def main(argv=None):
     rows, base = bench(policy, ids, mask, answers, modes, args, "trained")
     # sanity: an untrained model has near-uniform confidence, so thresholding gains nothing
     # (ratios to the trained baseline above: same architecture, prompts and steps)
-    sanity = build_tiny_policy(seed=args.seed + 1).eval()
+    sanity = build_policy(arch, args.seed + 1).eval()
     sanity_rows, _ = bench(sanity, ids, mask, answers, [modes[1]], args, "untrained", base=base)
     for r in sanity_rows:
         r["mode"] = "untrained: " + r["mode"]

@@ -36,3 +36,23 @@ def tiny_model(tiny_tokenizer):
     from rollout.tiny import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer, seed=0).eval()
+
+
+# ---- tiny checkpoints of the published LLaDA / Dream layouts (tests/helpers/published.py) ---------
+
+@pytest.fixture(scope="session")
+def published_folder(tmp_path_factory):
+    """``published_folder(family, **options)`` -> a tiny published-layout checkpoint folder, built
+    once per distinct set of options for the whole session."""
+    from helpers.published import build_published_folder
+
+    built = {}
+
+    def make(family: str, **options):
+        key = (family, tuple(sorted(options.items())))
+        if key not in built:
+            name = f"{family}-" + "-".join(f"{k}{v}" for k, v in sorted(options.items()))
+            built[key] = build_published_folder(family, tmp_path_factory.mktemp(name), **options)
+        return built[key]
+
+    return make
