@@ -75,28 +75,29 @@ def _positions_hint(cfg: RunConfig) -> str:
 def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple[str, list[dict], int]], *,
                   path: str | None = None) -> None:
     """``uses``: (split, rows, gen_length) for every way rows meet the model; gen_length 0 = SFT
-    (prompt + response, truncated at ``sft.max_length``). ConfigError when one cannot fit."""
+    (prompt + response, truncated at ``sft.max_length``). ConfigError naming the largest need
+    when any row cannot fit."""
     tokenizer, positions = model_limits(cfg, path)
     if positions is None:
         return
+    worst = (0, "")
     for split, rows, gen_length in uses:
         if not rows:
             continue
         prompts = token_lengths(tokenizer, [r["prompt"] for r in rows])
         if gen_length:
-            if max(prompts) + gen_length > positions:
-                raise ConfigError(
-                    f"task {task.name}: the longest {split} prompt is {max(prompts)} tokens; with gen_length={gen_length} "
-                    f"that needs {max(prompts) + gen_length} positions but the model has {positions} "
-                    f"(set {_positions_hint(cfg)}, or shorter prompts / gen_length)")
-            continue
-        sft = cfg.sft
-        responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
-        longest = max(min(p + max(len(r) + 1, sft.pad_response_to), sft.max_length) for p, r in zip(prompts, responses))
-        if longest > positions:
-            raise ConfigError(f"task {task.name}: SFT examples reach {longest} tokens (sft.max_length={sft.max_length}) but "
-                              f"the model has {positions} positions (set sft.max_length={positions} or "
-                              f"{_positions_hint(cfg)})")
+            need = max(prompts) + gen_length
+            why = f"the longest {split} prompt is {max(prompts)} tokens, + gen_length={gen_length}"
+        else:
+            sft = cfg.sft
+            responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
+            need = max(min(p + max(len(r) + 1, sft.pad_response_to), sft.max_length) for p, r in zip(prompts, responses))
+            why = f"SFT examples reach {need} tokens (sft.max_length={sft.max_length})"
+        worst = max(worst, (need, why))
+    need, why = worst
+    if need > positions:
+        raise ConfigError(f"task {task.name}: {why} needs {need} positions but the model has {positions} "
+                          f"(set {_positions_hint(cfg)}, or shorten prompts / gen_length / sft.max_length)")
 
 
 def check_training(cfg: RunConfig, task: Task, world_size: int = 1) -> None:
