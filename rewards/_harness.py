@@ -549,8 +549,13 @@ def _fork_init() -> None:
 
 
 def _lifeline_ok(fd: int | None) -> bool:
-    """False if the trainer is gone: the pipe's write end lives only in the trainer."""
-    return fd is None or not select.select([fd], [], [], 0)[0]
+    """False if the trainer is gone: the pipe's write end lives only in the trainer, so the read
+    end hangs up when it dies (data someone wrote into the pipe does not count)."""
+    if fd is None:
+        return True
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return not any(ev & (select.POLLHUP | select.POLLERR) for _, ev in p.poll(0))
 
 
 def main() -> None:

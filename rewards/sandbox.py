@@ -20,44 +20,38 @@ model; in short:
   when the trainer dies (also by SIGKILL). After each run the parent SIGKILLs what is left and
   waits until it is gone.
 
-Backends: ``bwrap`` (bubblewrap; as root it is started through ``setpriv`` under the sample's
-uid, after the interpreter is bind-mounted somewhere that uid may read when it lives in a
-private directory such as /root), ``unshare`` (root: util-linux ``unshare`` for the namespaces,
-`_jail` for the view and the privilege drop), or ``unsafe`` (no isolation; refused unless
-``unsafe=True``).
+Backends: ``bwrap`` (bubblewrap, started under the sample's uid; as root through ``nsenter`` into
+a staging namespace when the interpreter lives where that uid cannot read, such as /root;
+`_host.Stage`), ``unshare`` (root: util-linux ``unshare`` for the namespaces, `_jail` for the view
+and the privilege drop), or ``unsafe`` (no isolation; refused unless ``unsafe=True``).
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import math
 import os
+import select
 import selectors
-import shlex
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from rewards import _harness
+from rewards import _host
 from rewards._cgroup import Cgroup, Cgroups
+from rewards._host import HARNESS, SBX_HARNESS
 from rewards._jail import seccomp_filter
 
 log = logging.getLogger("rewards")
 
-HARNESS = str(Path(_harness.__file__).resolve())
-SBX_HARNESS = "/sbx/_harness.py"
 MODES = ("bwrap", "unshare", "unsafe")
 _MODE_CACHE: dict[str, bool] = {}
 _LOGGED_MODE: set[str] = set()
-_STAGE_DIRS = ("/media", "/srv", "/mnt", "/run", "/tmp")
 
 
 @dataclass
@@ -78,121 +72,13 @@ class SandboxUnavailable(RuntimeError):
     pass
 
 
-# -- host facts, computed once ----------------------------------------------------------------
-
-
-def _python() -> str:
-    """The base interpreter (a venv's python is a link to it or a copy of it)."""
-    ver = f"python{sys.version_info[0]}.{sys.version_info[1]}"
-    for p in (os.path.realpath(sys.executable), os.path.join(sys.base_exec_prefix, "bin", ver)):
-        if os.path.isfile(p) and p.startswith(os.path.realpath(sys.base_exec_prefix) + "/"):
-            return p
-    return os.path.realpath(sys.executable)
-
-
-def _exposed_dirs() -> list[str]:
-    """System directories plus the interpreter's prefix (read-only in the sandbox)."""
-    dirs = [d for d in ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32") if os.path.lexists(d)]
-    for d in {os.path.realpath(p) for p in (sys.base_prefix, sys.base_exec_prefix)}:
-        if not any(d == x or d.startswith(x + "/") for x in dirs):
-            dirs.append(d)
-    return dirs
-
-
-def _site_dirs(exposed: list[str]) -> list[str]:
-    found = set()
-    for pre in {os.path.realpath(sys.base_prefix), "/usr", "/usr/local"}:
-        for pat in ("lib/python3*/site-packages", "lib/python3*/dist-packages", "lib/python3/dist-packages"):
-            found.update(glob.glob(f"{pre}/{pat}"))
-    return sorted(d for d in found if os.path.isdir(d) and not os.path.islink(d)
-                  and any(d.startswith(x + "/") for x in exposed))
-
-
-def view_plan(scratch_bytes: int, shm_bytes: int, *, harness_at: str | None = None) -> list[list]:
-    """The sandbox's filesystem, as ops both backends execute (see `_jail.build_root`)."""
-    plan: list[list] = []
-    exposed = _exposed_dirs()
-    for d in exposed:
-        if os.path.islink(d):
-            plan.append(["symlink", os.readlink(d), d])
-        else:
-            plan.append(["ro", d, d])
-    if os.path.isfile("/etc/ld.so.cache"):
-        plan.append(["ro", "/etc/ld.so.cache", "/etc/ld.so.cache"])
-    plan += [["tmpfs", d, 4096, 0o755, True] for d in _site_dirs(exposed)]
-    if harness_at:
-        plan.append(["ro", HARNESS, harness_at])
-    plan += [["proc", "/proc"], ["dev", "/dev"], ["tmpfs", "/dev/shm", shm_bytes, 0o1777, False],
-             ["tmpfs", "/tmp", scratch_bytes, 0o1777, False], ["remount-ro", "/dev"], ["remount-ro", "/"]]
-    return plan
-
-
-def _others_can_read(path: str) -> bool:
-    """Whether a non-root uid that owns nothing can reach `path` (every parent searchable)."""
-    p = Path(path)
-    try:
-        for parent in list(p.parents)[:-1] + ([p] if p.is_dir() else []):
-            if not parent.stat().st_mode & 0o001:
-                return False
-        return bool(p.stat().st_mode & 0o004)
-    except OSError:
-        return False
-
-
-def _stage_dir(sources: list[str]) -> str:
-    for d in _STAGE_DIRS:
-        if os.path.isdir(d) and not os.path.islink(d) and not any(s == d or s.startswith(d + "/") for s in sources):
-            return d
-    raise SandboxUnavailable("no directory to stage the sandbox's bind mounts on")
-
-
-class _Uids:
-    """Host uids for sandboxes when the trainer is root: one per live sandbox, from a range no
-    account uses, so the process limit and file ownership are per sandbox."""
-
-    def __init__(self, size: int = 512):
-        self.base = 2_000_000_000 + (os.getpid() % 4096) * size
-        self._free = list(range(size))
-        self._cond = threading.Condition()
-
-    def acquire(self) -> int:
-        with self._cond:
-            while not self._free:
-                self._cond.wait()
-            return self.base + self._free.pop()
-
-    def release(self, uid: int) -> None:
-        with self._cond:
-            self._free.append(uid - self.base)
-            self._cond.notify()
-
-
-_LIFELINE: list[int] = []
-_LIFELINE_LOCK = threading.Lock()
-
-
-def _owner_tag() -> str:
-    """Last argument of every sandbox command line (ignored by the harness): whose sandbox it is."""
-    return f"dllm-sbx-owner={os.getpid()}"
-
-
-def _lifeline() -> int:
-    """Read end of a pipe whose write end only this process holds (children forked without exec
-    drop it), so a sandbox can tell whether the trainer still lives."""
-    with _LIFELINE_LOCK:
-        if not _LIFELINE:
-            r, w = os.pipe()
-            _LIFELINE[:] = [r, w]
-            os.register_at_fork(after_in_child=lambda: os.close(w))
-        return _LIFELINE[0]
-
-
 @dataclass
 class _Handle:
     proc: subprocess.Popen
     cgroup: Cgroup | None
     uid: int | None
     tmpdir: str | None = None
+    handshake: tuple[int, int] | None = None  # bwrap --info-fd (read end), --block-fd (write end)
 
 
 class Sandbox:
@@ -219,11 +105,13 @@ class Sandbox:
         self.timeout_s, self.memory_mb, self.max_procs = float(timeout_s), int(memory_mb), int(max_procs)
         self.max_file_mb, self.scratch_mb, self.shm_mb = int(max_file_mb), int(scratch_mb), int(shm_mb)
         self.max_output_bytes, self.keep_output_bytes = int(max_output_bytes), int(keep_output_bytes)
-        self.python = _python()
+        self.python = _host.python()
         self.root = os.geteuid() == 0
-        self.cgroups = _cgroups() if cgroups else Cgroups(None, [])
-        self.uids = _uids() if self.root else None
+        self.cgroups = _shared("cgroups", Cgroups.detect) if cgroups else Cgroups(None, [])
+        self.uids = _shared("uids", _host.Uids) if self.root else None
         self.seccomp = seccomp_filter()
+        self._bwrap_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20, harness_at=SBX_HARNESS)
+        self._jail_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20)
         self.mode = self._select(mode, unsafe)
         if self.mode not in _LOGGED_MODE:
             _LOGGED_MODE.add(self.mode)
@@ -251,7 +139,7 @@ class Sandbox:
 
     def _probe(self, mode: str) -> bool:
         if mode == "bwrap":
-            if shutil.which("bwrap") is None or (self.root and shutil.which("setpriv") is None):
+            if shutil.which("bwrap") is None or (self.root and shutil.which("nsenter") is None):
                 return False
             if "--size" not in _bwrap_help():
                 log.info("sandbox probe bwrap: this bubblewrap has no --size (tmpfs limits); need >= 0.7")
@@ -270,29 +158,23 @@ class Sandbox:
         return ok
 
     # -- command lines -----------------------------------------------------------------------
-    @staticmethod
-    def _env() -> dict[str, str]:
-        return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp",
-                "PYTHONDONTWRITEBYTECODE": "1", "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    def _stage(self) -> _host.Stage | None:
+        """As root: the staging namespace for what the sandbox uids cannot reach (None if all can)."""
+        hidden = [op[1] for op in self._bwrap_plan if op[0] == "ro" and not _host.others_can_read(op[1])]
+        if not self.root or not hidden:
+            return None
+        return _shared(f"stage:{hidden}", lambda: _host.Stage(hidden, self.python))
 
-    def _plan(self, harness_at: str | None) -> list[list]:
-        return view_plan(self.scratch_mb << 20, self.shm_mb << 20, harness_at=harness_at)
-
-    def _bwrap_argv(self, job_fd: int, seccomp_fd: int | None, cgroup: Cgroup | None, uid: int | None) -> list[str]:
-        plan = self._plan(SBX_HARNESS)
-        staged: list[tuple[str, str]] = []  # (host source, staged path) for sources uid cannot read
-        stage = None
-        if uid is not None:
-            hidden = [op[1] for op in plan if op[0] == "ro" and not _others_can_read(op[1])]
-            if hidden:
-                stage = _stage_dir(hidden)
-                staged = [(src, f"{stage}/{i}") for i, src in enumerate(hidden)]
-        where = dict(staged)
+    def _bwrap_argv(self, job_fd: int, uid: int | None, extra: dict[str, int]) -> tuple[list[str], dict]:
+        """The bwrap command line (and Popen options) for one sandbox; `extra` names the seccomp,
+        info and block fds."""
+        stage = self._stage()
+        where = stage.where if stage else {}
         argv = ["bwrap", "--unshare-all", "--unshare-user", "--uid", "65534", "--gid", "65534", "--cap-drop", "ALL",
                 "--die-with-parent", "--as-pid-1", "--new-session", "--clearenv", "--hostname", "sandbox"]
-        if "--disable-userns" in _bwrap_help():
+        if "--disable-userns" in _shared("bwrap_help", _bwrap_help):
             argv.append("--disable-userns")
-        for op in plan:
+        for op in self._bwrap_plan:
             kind = op[0]
             if kind == "ro":
                 argv += ["--ro-bind", where.get(op[1], op[1]), op[2]]
@@ -304,73 +186,98 @@ class Sandbox:
                     argv += ["--remount-ro", op[1]]
             elif kind in ("proc", "dev", "remount-ro"):
                 argv += [f"--{kind}", op[1]]
-        for k, v in self._env().items():
+        for k, v in _host.minimal_env().items():
             argv += ["--setenv", k, v]
-        if seccomp_fd is not None:
-            argv += ["--seccomp", str(seccomp_fd)]
-        argv += ["--chdir", "/tmp", "--", self.python, "-I", "-S", SBX_HARNESS, str(job_fd), _owner_tag()]
-        if uid is None and cgroup is None:
-            return argv
-        # a launcher: join the cgroup and set the OOM score while root, bind-mount what the sample's
-        # uid cannot reach into a private mount namespace, then become that uid and exec bwrap
-        lines = ["set -e"] + [f"echo $$ > {shlex.quote(f)}" for f in (cgroup.procs_files if cgroup else [])]
-        if uid is not None:
-            lines.append("echo 1000 > /proc/self/oom_score_adj")
-        if stage:
-            lines.append(f"mount -t tmpfs -o size=65536,mode=0755 dllm-sbx {shlex.quote(stage)}")
-            for src, dst in staged:
-                lines.append(f"mkdir {shlex.quote(dst)}" if os.path.isdir(src) else f": > {shlex.quote(dst)}")
-                lines.append(f"mount --bind {shlex.quote(src)} {shlex.quote(dst)}")
-        pre = []
-        if uid is not None:
-            pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--pdeathsig=KILL", "--"]
-        lines.append("exec " + " ".join(shlex.quote(a) for a in pre + argv))
-        script = ["/bin/sh", "-c", "\n".join(lines)]
-        return (["unshare", "--mount", "--propagation", "private", "--"] if stage else []) + script
+        for name, fd in extra.items():
+            argv += [f"--{name}", str(fd)]
+        argv += ["--chdir", "/tmp", "--", self.python, "-I", "-S", SBX_HARNESS, str(job_fd), _host.owner_tag()]
+        if uid is None:
+            return argv, {}
+        if stage:  # root: enter the staging namespace, then become the sample's uid (groups cleared)
+            return ["nsenter", f"--mount={stage.namespace()}", f"--setuid={uid}", f"--setgid={uid}", "--"] + argv, {}
+        return argv, {"user": uid, "group": uid, "extra_groups": []}
 
     # -- spawning ----------------------------------------------------------------------------
     def _spawn(self, mode: str, payload: dict, *, stdin, stdout, stderr, fds: tuple[int, ...]) -> _Handle:
+        """Start one sandbox. bwrap with a cgroup waits (--block-fd) until `_release` has put it in."""
         cgroup = uid = None
         if mode != "unsafe" and self.cgroups.version:
             cgroup = self.cgroups.create(self.memory_mb << 20, self.max_procs)
         if mode != "unsafe" and self.uids is not None:
             uid = self.uids.acquire()
         job_fd = os.memfd_create("job", 0)
-        seccomp_r = None
+        child_fds: list[int] = []  # ours to close once the child has them
+        handshake = None
+        kwargs: dict = {}
         try:
-            payload = dict(payload, lifeline=_lifeline(), limits=self._limits(mode), init=mode != "unsafe")
+            payload = dict(payload, lifeline=_host.lifeline(), limits=self._limits(mode), init=mode != "unsafe")
             if mode == "bwrap":
+                extra = {}
                 if self.seccomp:
-                    seccomp_r, w = os.pipe()
+                    r, w = os.pipe()
                     os.write(w, self.seccomp)
                     os.close(w)
-                argv = self._bwrap_argv(job_fd, seccomp_r, cgroup, uid)
+                    child_fds.append(r)
+                    extra["seccomp"] = r
+                if cgroup:
+                    info_r, info_w = os.pipe()
+                    block_r, block_w = os.pipe()
+                    child_fds += [info_w, block_r]
+                    handshake = (info_r, block_w)
+                    extra.update({"info-fd": info_w, "block-fd": block_r})
+                argv, kwargs = self._bwrap_argv(job_fd, uid, extra)
             elif mode == "unshare":
-                payload["jail"] = {"plan": self._plan(None), "stage": _stage_dir(_exposed_dirs()), "uid": uid,
+                payload["jail"] = {"plan": self._jail_plan, "stage": _host.stage_dir(_host.exposed_dirs()), "uid": uid,
                                    "cgroups": cgroup.procs_files if cgroup else [],
                                    "seccomp": self.seccomp.hex() if self.seccomp else None}
                 argv = ["setpriv", "--pdeathsig=KILL", "--", "unshare", "--fork", "--pid", "--mount", "--net", "--ipc",
-                        "--uts", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _owner_tag()]
+                        "--uts", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
             else:
                 payload["cwd"] = tempfile.mkdtemp(prefix="dllm-sbx-")
-                argv = [self.python, "-I", "-S", HARNESS, str(job_fd), _owner_tag()]
+                argv = [self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
             os.write(job_fd, json.dumps(payload).encode())
             os.lseek(job_fd, 0, os.SEEK_SET)
-            extra = tuple(f for f in (seccomp_r,) if f is not None)
-            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=self._env(), cwd="/",
-                                    pass_fds=(job_fd, _lifeline(), *fds, *extra), start_new_session=True,
-                                    close_fds=True)
+            proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=_host.minimal_env(), cwd="/",
+                                    pass_fds=(job_fd, _host.lifeline(), *fds, *child_fds), start_new_session=True,
+                                    close_fds=True, **kwargs)
         except BaseException:
+            for fd in handshake or ():
+                os.close(fd)
             if cgroup:
                 self.cgroups.release(cgroup)
             if uid is not None:
                 self.uids.release(uid)
             raise
         finally:
-            os.close(job_fd)
-            if seccomp_r is not None:
-                os.close(seccomp_r)
-        return _Handle(proc, cgroup, uid, payload.get("cwd"))
+            for fd in (job_fd, *child_fds):
+                os.close(fd)
+        return _Handle(proc, cgroup, uid, payload.get("cwd"), handshake)
+
+    def _release(self, h: _Handle, deadline: float) -> None:
+        """bwrap has cloned the sandbox and waits: put bwrap and the sandbox's first process in the
+        cgroup (everything the sandbox starts later is born there), then let it run."""
+        if h.handshake is None:
+            return
+        info_r, block_w = h.handshake
+        h.handshake = None
+        try:
+            info = b""
+            while b"}" not in info:
+                if not select.select([info_r], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                    raise OSError("bwrap did not start in time")
+                chunk = os.read(info_r, 4096)
+                if not chunk:
+                    raise OSError("bwrap exited before the sandbox started")
+                info += chunk
+            child = int(json.loads(info)["child-pid"])
+            for procs in h.cgroup.procs_files:  # type: ignore[union-attr]
+                for pid in (h.proc.pid, child):
+                    with open(procs, "w") as f:
+                        f.write(str(pid))
+            os.write(block_w, b"1")
+        finally:
+            os.close(info_r)
+            os.close(block_w)
 
     def _limits(self, mode: str) -> dict:
         nproc = self.max_procs if mode != "unsafe" else _nproc_limit(self.max_procs)
@@ -413,6 +320,9 @@ class Sandbox:
             self.cgroups.release(h.cgroup)
         if h.uid is not None and self.uids is not None:
             self.uids.release(h.uid)
+        if h.handshake:
+            for fd in h.handshake:
+                os.close(fd)
         if h.tmpdir:
             shutil.rmtree(h.tmpdir, ignore_errors=True)
         return oom
@@ -452,6 +362,8 @@ class Sandbox:
             for fd in own:
                 os.close(fd)
             own = []
+            for h in handles:
+                self._release(h, t0 + timeout)
             res = self._collect(result, out_r, res_r, handles[-1].proc, t0, timeout)
         finally:
             for fd in own:
@@ -559,25 +471,16 @@ _SHARED: dict[str, object] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def _cgroups() -> Cgroups:
+def _shared(key: str, make):
+    """One per trainer process: cgroup setup, uid range, staging namespace, bwrap's help text."""
     with _SHARED_LOCK:
-        if "cgroups" not in _SHARED:
-            _SHARED["cgroups"] = Cgroups.detect()
-        return _SHARED["cgroups"]  # type: ignore[return-value]
+        if key not in _SHARED:
+            _SHARED[key] = make()
+        return _SHARED[key]
 
 
 def _bwrap_help() -> str:
-    with _SHARED_LOCK:
-        if "bwrap_help" not in _SHARED:
-            _SHARED["bwrap_help"] = subprocess.run(["bwrap", "--help"], capture_output=True, text=True).stdout
-        return _SHARED["bwrap_help"]  # type: ignore[return-value]
-
-
-def _uids() -> _Uids:
-    with _SHARED_LOCK:
-        if "uids" not in _SHARED:
-            _SHARED["uids"] = _Uids()
-        return _SHARED["uids"]  # type: ignore[return-value]
+    return subprocess.run(["bwrap", "--help"], capture_output=True, text=True).stdout
 
 
 _NPROC_BASE: list[int] = []

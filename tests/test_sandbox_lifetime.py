@@ -1,6 +1,6 @@
 """Lifetime: SIGKILL the trainer in the middle of a batch; every sandbox process of it (candidates
 that fork, detach with setsid, double-fork or exec another program included) is gone within 2 s,
-on both backends."""
+on both backends; so is the trainer's staging helper (bwrap as root)."""
 
 import os
 import signal
@@ -64,10 +64,10 @@ def test_sigkill_trainer_kills_every_sandbox(mode, tmp_path):
         trainer.send_signal(signal.SIGKILL)
         trainer.wait()
     killed = time.monotonic()
-    left = sandbox_processes(trainer.pid)
+    left = sandbox_processes(trainer.pid, helper=True)
     while left and time.monotonic() - killed < 2.0:
         time.sleep(0.01)
-        left = sandbox_processes(trainer.pid)
+        left = sandbox_processes(trainer.pid, helper=True)
     for pid in left:  # do not leave them behind for the rest of the suite
         try:
             os.kill(pid, signal.SIGKILL)

@@ -41,13 +41,16 @@ def expected(cases: dict[str, tuple[str, float]]) -> dict[str, float]:
     return {n: v for n, (_, v) in cases.items()}
 
 
-def sandbox_processes(owner: int | None = None) -> list[int]:
+def sandbox_processes(owner: int | None = None, *, helper: bool = False) -> list[int]:
     """Live sandbox processes of the trainer process `owner` (default: this one): those whose
     command line carries its owner tag, and, as root, any process under a uid of its range (the
-    candidate may exec another program)."""
+    candidate may exec another program). `helper`: also the trainer's staging helper, which
+    lives as long as the trainer."""
+    from rewards._host import UID_BASE, UIDS_PER_TRAINER
+
     owner = os.getpid() if owner is None else owner
-    base = 2_000_000_000 + (owner % 4096) * 512
-    tag = f"dllm-sbx-owner={owner}\0".encode()
+    base = UID_BASE + (owner % 4096) * UIDS_PER_TRAINER
+    tags = [f"dllm-sbx-{kind}={owner}\0".encode() for kind in (("owner", "stage") if helper else ("owner",))]
     out = []
     for p in os.listdir("/proc"):
         if not p.isdigit() or int(p) == os.getpid():
@@ -61,6 +64,6 @@ def sandbox_processes(owner: int | None = None) -> list[int]:
         uid = int(next(ln.split()[1] for ln in status.splitlines() if ln.startswith("Uid:")))
         if state in ("Z", "X"):
             continue
-        if tag in cmd or (os.geteuid() == 0 and base <= uid < base + 512):
+        if any(t in cmd for t in tags) or (os.geteuid() == 0 and base <= uid < base + UIDS_PER_TRAINER):
             out.append(int(p))
     return out
