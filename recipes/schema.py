@@ -198,6 +198,14 @@ class RunConfig:
                 got = "no trainer" if stage is None else f"a {type(stage).__name__}"
                 raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
                                   f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
+            if isinstance(stage, (DiffuGRPOConfig, UnmaskOrderConfig)):
+                # a recipe scores with the task's rewards: nothing else may look like it is used
+                if stage.reward_weights is not None:
+                    raise ConfigError(f"{key}.reward_weights: weighs a Python trainer's reward_funcs; recipes "
+                                      f"take weights from task.rewards={{name: weight}}")
+                if self.task.rewards and dict(stage.rewards) != dict(self.task.rewards):
+                    raise ConfigError(f"{key}.rewards={dict(stage.rewards)}: recipes score with the task's rewards; "
+                                      f"set task.rewards instead (now {dict(self.task.rewards)})")
 
     @property
     def run_name(self) -> str:

@@ -20,7 +20,6 @@ same random prompt mask for policy and reference).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,43 +186,18 @@ def load_preference_data(path_or_name: str | Path, split: str = "train",
 
 
 def _read_rows(src: str, split: str) -> list[dict]:
-    path = Path(src)
-    if path.is_file() and path.suffix in (".jsonl", ".json"):
-        text = path.read_text()
-        if path.suffix == ".json" and text.lstrip().startswith("["):
-            data = json.loads(text)
-            if not all(isinstance(r, dict) for r in data):
-                raise ValueError(f"{src}: expected a JSON list of objects")
-            return data
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{src}: line {n} is not valid JSON ({e.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(f"{src}: line {n} is not a JSON object")
-            rows.append(obj)
-        return rows
-    if path.is_file() and path.suffix == ".parquet":
-        import pyarrow.parquet as pq
+    """Rows through the tasks' one reader (rl.tasks.loading, on ``datasets``): a .jsonl / .json /
+    .parquet / .csv file, a ``save_to_disk`` folder, or a hub dataset name."""
+    from rl.tasks.loading import HubSource, read_file, read_hub, read_local, resolve_path
 
-        return pq.read_table(path).to_pylist()
-    if path.is_file():
-        raise ValueError(f"{src}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
-    import datasets
-
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise KeyError(f"{src}: no split {split!r} (splits: {sorted(ds)})")
-            ds = ds[split]
-    else:
-        ds = datasets.load_dataset(src, split=split)
-    return list(ds)
+    path = resolve_path(src)
+    if path is not None and path.is_file():
+        return read_file(path)
+    rows = (read_local(path, split) if path is not None else
+            read_hub(HubSource(src, None, split), "preference data", "pass a local file or save_to_disk folder"))
+    if rows is None:
+        raise KeyError(f"{src}: no split {split!r}")
+    return rows
 
 
 # ---- the trainer -------------------------------------------------------------------------------------

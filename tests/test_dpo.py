@@ -168,7 +168,7 @@ def test_load_preference_data_formats_and_errors(tmp_path):
         load_preference_data(broken)
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text(json.dumps(rows[0]) + "\n{oops\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl: line 2"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: cannot read rows"):
         load_preference_data(bad_json)
     with pytest.raises(KeyError, match=r"no split 'test'"):
         load_preference_data(tmp_path / "hf", split="test")

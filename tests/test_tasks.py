@@ -237,7 +237,7 @@ BAD_DATA = {
     "missing column": (lambda d: _write(d / "m.jsonl", '{"question": "a", "answer": "1"}\n'), "has no column 'prompt'"),
     "wrong type": (lambda d: _write(d / "w.jsonl", '{"prompt": {"x": 1}, "answer": "1"}\n'), "expected text"),
     "nonexistent path": (lambda d: d / "nope.jsonl", "no such file or folder"),
-    "empty file": (lambda d: _write(d / "e.jsonl", ""), "the file is empty"),
+    "empty file": (lambda d: _write(d / "e.jsonl", ""), "no rows (the file is empty)"),
     "empty folder": (lambda d: (d / "empty").mkdir() or d / "empty", "no data files"),
     "unsupported type": (lambda d: _write(d / "x.txt", "hi"), "unsupported file type"),
 }

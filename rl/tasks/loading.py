@@ -89,7 +89,7 @@ def read_file(path: Path) -> list[dict]:
     if builder is None:
         raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json, .parquet or .csv)")
     if path.stat().st_size == 0:
-        raise DataError(f"{path}: the file is empty")
+        raise DataError(f"{path}: no rows (the file is empty)")
     with _quiet_datasets() as datasets:
         try:
             rows = datasets.load_dataset(builder, data_files={"rows": str(path)}, split="rows").to_list()
@@ -128,19 +128,18 @@ def read_local(path: Path, split: str) -> list[dict] | None:
     return read_file(found) if found is not None else None
 
 
-def read_hub(source: HubSource, task: str, folder: str) -> list[dict] | None:
-    """A split of a hub dataset; None if the dataset has no such split."""
+def read_hub(source: HubSource, where: str, fix: str) -> list[dict] | None:
+    """A split of a hub dataset; None if the dataset has no such split. ``where`` / ``fix`` word
+    the one-line error (who asked, and how to do without the hub)."""
     with _quiet_datasets() as datasets:
         try:
             return datasets.load_dataset(source.name, source.config, split=source.split).to_list()
         except ValueError as e:
             if "split" in str(e).lower() and "unknown" in str(e).lower():
                 return None
-            raise DataError(f"task {task}: cannot load {source.name!r} from the hub ({_cause(e)})") from e
-        except Exception as e:  # noqa: BLE001 - offline, not found, ...: one line with both ways out
-            raise DataError(
-                f"task {task}: cannot load {source.name!r} from the hub ({_cause(e)}); use a local copy: "
-                f"{DATA_ENV}=<folder containing {folder}/> or task.path=<file, folder or hub name>") from e
+            raise DataError(f"{where}: cannot load {source.name!r} from the hub ({_cause(e)})") from e
+        except Exception as e:  # noqa: BLE001 - offline, not found, ...: one line with the way out
+            raise DataError(f"{where}: cannot load {source.name!r} from the hub ({_cause(e)}); {fix}") from e
 
 
 def load_split(source: str | None, split: str, *, task: str, folder: str, hub: dict[str, HubSource],
@@ -150,8 +149,10 @@ def load_split(source: str | None, split: str, *, task: str, folder: str, hub: d
 
     A single local file is one pool of rows: the training split of a task that trains (its
     test rows are then held out of it), the test split of an evaluation-only task."""
+    where = f"task {task}"
+    fix = f"use a local copy: {DATA_ENV}=<folder containing {folder}/> or task.path=<file, folder or hub name>"
     if source is None:
-        return read_hub(hub[split], task, folder) if split in hub else None
+        return read_hub(hub[split], where, fix) if split in hub else None
     if looks_local(source):
         path = resolve_path(source)
         if path is None:
@@ -161,7 +162,7 @@ def load_split(source: str | None, split: str, *, task: str, folder: str, hub: d
             return read_file(path) if split == pool_split else None
         return read_local(path, split)
     config = hub_config or next((h.config for h in hub.values() if h.name == source), None)
-    return read_hub(HubSource(source, config, split), task, folder)
+    return read_hub(HubSource(source, config, split), where, fix)
 
 
 def describe(source: str | None, hub: dict[str, HubSource]) -> str:
