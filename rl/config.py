@@ -144,6 +144,7 @@ class TrainerConfig:
     micro_batch_size: int = 0  # rows per forward/backward; 0 = whole local batch
     max_grad_norm: float = 1.0
     bf16: bool = False
+    gradient_checkpointing: bool = False  # recompute each layer's activations in backward (HF models)
     deepspeed: str = "zero0"  # a name in configs/deepspeed/ or a path to a JSON file
     lora: LoraOptions = field(default_factory=LoraOptions)
     logging_steps: int = 1
