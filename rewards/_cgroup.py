@@ -1,11 +1,12 @@
 """Per-sandbox cgroups: a memory limit (anonymous memory, tmpfs, memfd, shared memory and page
-cache all count) and a process limit, so a bomb is killed inside its own group, not the trainer.
+cache all count) and a process limit, so a bomb is killed inside its own group, not the trainer;
+and, where a cpu controller is available too, a quota of one core.
 
 `Cgroups.detect()` picks, once per process:
 
 * cgroup v2, when the trainer's own cgroup offers the ``memory`` and ``pids`` controllers to
   children (a delegated subtree, or a container whose cgroup has them enabled);
-* else cgroup v1 ``memory`` and ``pids`` hierarchies we can write (root);
+* else cgroup v1 ``memory`` and ``pids`` hierarchies we can write (root), plus ``cpu`` if mounted;
 * else none: `Sandbox` falls back to rlimits, sized tmpfs, the seccomp filter and oom_score_adj
   (docs/sandbox.md says what that leaves open).
 
@@ -65,7 +66,7 @@ def _join(mount_root: str, mount_point: str, path: str) -> str:
 
 
 class Cgroup:
-    """One sandbox's group(s): one directory (v2) or a memory and a pids directory (v1)."""
+    """One sandbox's group(s): one directory (v2) or memory, pids (and cpu) directories (v1)."""
 
     def __init__(self, dirs: list[str], version: int):
         self.dirs, self.version = dirs, version
@@ -140,14 +141,13 @@ class Cgroups:
                 if cls._v2_usable(parent):
                     return cls._ready(2, [parent])
         parents = []
-        for ctrl in ("memory", "pids"):
+        for ctrl in ("memory", "pids", "cpu"):
             hit = [(r, p) for r, p, t, opts in mounts if t == "cgroup" and ctrl in opts and ctrl in own]
-            if not hit:
+            if hit and os.access(_join(hit[0][0], hit[0][1], own[ctrl]), os.W_OK):
+                parents.append(_join(hit[0][0], hit[0][1], own[ctrl]))
+            elif ctrl != "cpu":
                 return cls(None, [])
-            parents.append(_join(hit[0][0], hit[0][1], own[ctrl]))
-        if all(os.access(p, os.W_OK) for p in parents):
-            return cls._ready(1, parents)
-        return cls(None, [])
+        return cls._ready(1, parents)
 
     @staticmethod
     def _v2_usable(parent: str) -> bool:
@@ -155,9 +155,10 @@ class Cgroups:
             have = set(_read(f"{parent}/cgroup.controllers").split())
             if not {"memory", "pids"} <= have:
                 return False
+            want = {"memory", "pids"} | ({"cpu"} & have)
             enabled = set(_read(f"{parent}/cgroup.subtree_control").split())
-            if not {"memory", "pids"} <= enabled:
-                _write(f"{parent}/cgroup.subtree_control", "+memory +pids")
+            if not want <= enabled:
+                _write(f"{parent}/cgroup.subtree_control", " ".join(f"+{c}" for c in sorted(want - enabled)))
             return os.access(parent, os.W_OK)
         except OSError:
             return False
@@ -186,7 +187,7 @@ class Cgroups:
                 if m and not os.path.exists(f"/proc/{m.group(1)}"):
                     Cgroup([f"{parent}/{name}"], self.version or 1).remove(wait_s=0.5)
 
-    def create(self, memory_bytes: int, pids: int) -> Cgroup:
+    def create(self, memory_bytes: int, pids: int, cpus: float = 1.0) -> Cgroup:
         with self._lock:
             busy, self._busy = self._busy, []
         busy = [g for g in busy if not g.remove(wait_s=0)]
@@ -198,18 +199,24 @@ class Cgroups:
             os.mkdir(d)
         group = Cgroup(dirs, self.version or 1)
         try:
+            quota = str(int(cpus * 100_000))
             if self.version == 2:
                 d = dirs[0]
                 _write(f"{d}/memory.max", str(memory_bytes))
                 if os.path.exists(f"{d}/memory.swap.max"):
                     _write(f"{d}/memory.swap.max", "0")
                 _write(f"{d}/pids.max", str(pids))
+                if os.path.exists(f"{d}/cpu.max"):
+                    _write(f"{d}/cpu.max", f"{quota} 100000")
             else:
-                mem, pid = dirs
+                mem, pid = dirs[:2]
                 _write(f"{mem}/memory.limit_in_bytes", str(memory_bytes))
                 if os.path.exists(f"{mem}/memory.memsw.limit_in_bytes"):
                     _write(f"{mem}/memory.memsw.limit_in_bytes", str(memory_bytes))
                 _write(f"{pid}/pids.max", str(pids))
+                if len(dirs) > 2:
+                    _write(f"{dirs[2]}/cpu.cfs_period_us", "100000")
+                    _write(f"{dirs[2]}/cpu.cfs_quota_us", quota)
         except OSError:
             group.remove(wait_s=0)
             raise

@@ -231,7 +231,7 @@ class Sandbox:
                                    "cgroups": cgroup.procs_files if cgroup else [],
                                    "seccomp": self.seccomp.hex() if self.seccomp else None}
                 argv = ["setpriv", "--pdeathsig=KILL", "--", "unshare", "--fork", "--pid", "--mount", "--net", "--ipc",
-                        "--uts", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
+                        "--uts", "--cgroup", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
             else:
                 payload["cwd"] = tempfile.mkdtemp(prefix="dllm-sbx-")
                 argv = [self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]

@@ -89,3 +89,21 @@ def test_memory_bomb_is_killed_inside_its_cgroup(mode):
             "    kids.append(pid)\nfor k in kids:\n    os.waitpid(k, 0)\n" + GOOD)
     res = reward.sandbox.run({"mode": "asserts", "code": code, "tests": ["assert f(2) == 4"]})
     assert res.oom and not res.timed_out  # 4 x 200 MiB > 256 MiB: the OOM killer ran in the sample's cgroup
+
+
+def test_cgroup_limits_written():
+    """Each sandbox's group gets the memory and process limits (and one core, where a cpu
+    controller exists); removing it leaves nothing behind."""
+    cgroups = Cgroups.detect()
+    if not _cgroups_available():
+        pytest.skip("no usable cgroup on this machine")
+    group = cgroups.create(300 << 20, 7, cpus=1.0)
+    try:
+        files = {name: open(f"{d}/{name}").read().split()[0] for d in group.dirs for name in os.listdir(d)
+                 if name in ("memory.max", "memory.limit_in_bytes", "pids.max", "cpu.max", "cpu.cfs_quota_us")}
+    finally:
+        cgroups.release(group)
+    assert files.get("memory.max", files.get("memory.limit_in_bytes")) == str(300 << 20)
+    assert files["pids.max"] == "7"
+    assert files.get("cpu.max", files.get("cpu.cfs_quota_us", "100000")) == "100000"
+    assert not any(os.path.exists(d) for d in group.dirs)
