@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from rl import distributed as D
 from rl.config import RolloutOptions
 from rl.data import encode_prompt, left_pad
 from rl.tasks import Task
@@ -18,9 +18,7 @@ from rollout import generate
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    return D.get_rank(), D.get_world_size()
 
 
 @torch.no_grad()
@@ -57,9 +55,7 @@ def evaluate_rows(model, task: Task, rows: list[dict], ro: RolloutOptions, *, ba
         correct = sum(task.correct(mine, texts))
         reward = float(sum(task.score(mine, texts).total))  # the training reward, called as in training
     batches = -(-len(mine) // batch_size)
-    stats = torch.tensor([correct, len(mine), reward, passes, batches], dtype=torch.float64)
-    if world > 1:
-        dist.all_reduce(stats)
+    stats = D.all_reduce_sum([correct, len(mine), reward, passes, batches])
     n = max(stats[1].item(), 1.0)
     return {f"{prefix}accuracy": stats[0].item() / n, f"{prefix}reward": stats[2].item() / n,
             f"{prefix}num_examples": stats[1].item(),

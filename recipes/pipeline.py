@@ -51,7 +51,8 @@ def build_policy(cfg: RunConfig, path: str | Path | None = None) -> PolicyAdapte
     if path is None:
         policy = build_tiny_policy(seed=cfg.seed, **dict(m.tiny))
     else:
-        shifted = {"dream": True, "llada": False, "tiny": False}.get(m.family)
+        # llada / dream force the logit convention; otherwise the checkpoint's model_type decides
+        shifted = {"dream": True, "llada": False}.get(m.family)
         dtype = None if m.dtype == "float32" else m.dtype
         policy = PolicyAdapter.from_pretrained(str(path), mask_token_id=m.mask_token_id, logits_shifted=shifted,
                                                dtype=dtype, trust_remote_code=m.trust_remote_code)

@@ -23,11 +23,23 @@ def model_limits(cfg: RunConfig, path: str | None = None):
         return build_tiny_tokenizer(), {**TINY_MODEL_DEFAULTS, **dict(cfg.model.tiny)}["max_position_embeddings"]
     from transformers import AutoConfig, AutoTokenizer
 
+    from rollout.models import native_class, read_config_dict
+
     try:
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+        native = native_class(read_config_dict(path).get("model_type"))
+        if native is not None:  # LLaDA / Dream: our implementation; its config, not the remote code's
+            config = native.config_class.from_pretrained(str(path))
+        else:
+            config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(str(path), config=config,
+                                                  trust_remote_code=cfg.model.trust_remote_code)
     except (OSError, ValueError):
         return None, None
+    if native is not None:
+        try:
+            config.layer_config()
+        except ValueError as e:  # what our implementation cannot reproduce, before any weights load
+            raise ConfigError(f"model.path={path}: {e}") from None
     return tokenizer, next((getattr(config, k) for k in POSITION_KEYS if getattr(config, k, None)), None)
 
 

@@ -315,9 +315,9 @@ class UnmaskOrderConfig(_GroupRLConfig):
         check_range("conf_scale", self.conf_scale, low=0, low_open=True)
         check_range("residual_bound", self.residual_bound, low=0)
         check_range("block_kl", self.block_kl, low=0)
-        if self.lora.enabled:
-            raise ConfigError("lora.enabled: LoRA is not supported by the order learner (train the head alone, "
-                              "or co-train the full dLLM with train_dllm=true)")
+        if self.lora.enabled and not self.train_dllm:
+            raise ConfigError("lora.enabled: LoRA adapts the dLLM, which the order learner trains only with "
+                              "train_dllm=true (the head alone needs no LoRA)")
         for name in ("threshold", "early_commit", "kv_cache"):
             if getattr(self.rollout, name) is not None:
                 raise ConfigError(f"rollout.{name}={getattr(self.rollout, name)!r}: the order learner needs "

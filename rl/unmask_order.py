@@ -365,6 +365,9 @@ class UnmaskOrderTrainer(Trainer):
         self.reward_fn = reward_fn
         self.mask_id = policy.mask_token_id
 
+    def adapter(self) -> nn.Module:
+        return self.policy.dllm
+
     def generator_names(self) -> tuple[str, ...]:
         return ("rollout", "order")
 
@@ -375,19 +378,16 @@ class UnmaskOrderTrainer(Trainer):
         return self.config.num_iterations
 
     def export_final(self) -> None:
-        """run_dir/final: the dLLM as an HF checkpoint plus ``order_head.pt`` (see :func:`load_order_policy`)."""
-        from rl.engine import consolidated_state_dict, unwrap
+        """run_dir/final: the dLLM as an HF checkpoint (LoRA merged) plus ``order_head.pt`` (see
+        :func:`load_order_policy`)."""
+        from rl.checkpoint import export_hf
+        from rl.engine import unwrap
 
-        sd = consolidated_state_dict(self.engine)  # every rank takes part (ZeRO-3 gathers)
-        if self.rank != 0:
-            return
-        module, out = unwrap(self.engine), self.run_dir / "final"
-        dllm_sd = {k[len("dllm.model."):]: v.cpu() for k, v in sd.items() if k.startswith("dllm.model.")}
-        module.dllm.model.save_pretrained(out, state_dict=dllm_sd)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(out)
-        head_sd = {k[len("head."):]: v.cpu() for k, v in sd.items() if k.startswith("head.")}
-        torch.save({"options": module.head_options(), "state_dict": head_sd}, out / "order_head.pt")
+        def head(sd: dict) -> dict:
+            head_sd = {k[len("head."):]: v.cpu() for k, v in sd.items() if k.startswith("head.")}
+            return {"order_head.pt": {"options": unwrap(self.engine).head_options(), "state_dict": head_sd}}
+
+        export_hf(self.engine, self.tokenizer, self.run_dir / "final", extra_files=head)
 
     # ---- phases ----------------------------------------------------------------------------------
     def rollout(self, rows: list[dict]):

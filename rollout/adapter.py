@@ -204,7 +204,7 @@ class PolicyAdapter(nn.Module):
         else:
             config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
         try:
-            tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):
             tokenizer = None
         # Fail on the ids before loading (possibly billions of) weights.

@@ -93,7 +93,7 @@ def train(policy: PolicyAdapter, args) -> float:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     policy.train()
     ema, losses = None, []
-    bar = tqdm(range(args.train_steps), desc="train tiny model", file=sys.stdout, mininterval=2)
+    bar = tqdm(range(args.train_steps), desc=f"train {type(policy.model).__name__}", file=sys.stdout, mininterval=2)
     for _ in bar:
         ids, attn, resp = make_batch(policy.tokenizer, make_examples(rng, args.train_batch), args.gen_length)
         loss = diffusion_sft_loss(policy, ids, resp, mask_id=policy.mask_token_id, attention_mask=attn, generator=g)

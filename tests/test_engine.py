@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from rl.engine import (build_engine, build_reference, consolidated_state_dict, f
                        gathered_for_generation, init_distributed, is_zero3, load_ds_config, lr_lambda, unwrap)
 from rl.losses import diffusion_sft_loss
 from rollout.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
 
 LR = 1e-2
 
@@ -165,3 +168,26 @@ def test_gathered_for_generation_zero3(tiny_tokenizer):
     train(engine, tiny_tokenizer, 3, batch)
     assert eval_loss(engine, tiny_tokenizer, batch) < before
     assert math.isfinite(before)
+
+
+def test_collectives_use_the_process_group_device(monkeypatch):
+    """NCCL rejects CPU tensors: every collective goes through rl.distributed, which puts its
+    tensors on this rank's GPU under NCCL and on the CPU under gloo, and hands back CPU floats."""
+    import re
+
+    import torch.distributed as dist
+
+    from rl import distributed as D
+
+    init_distributed()
+    assert dist.get_backend() == "gloo" and D.collective_device() == torch.device("cpu")
+    out = D.all_reduce_sum(torch.tensor([1.0, 2.0], dtype=torch.float16))
+    assert out.dtype == torch.float64 and out.device.type == "cpu" and out.tolist() == [1.0, 2.0]
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert D.collective_device() == torch.device("cuda", 3)
+    # no module outside rl/distributed.py calls a torch.distributed collective directly
+    pattern = re.compile(r"\bdist\.(all_reduce|all_gather\w*|broadcast\w*|reduce_scatter\w*|gather|scatter)\(")
+    offenders = [str(p.relative_to(ROOT)) for folder in ("rl", "recipes", "rollout", "rewards")
+                 for p in (ROOT / folder).rglob("*.py") if p.name != "distributed.py" and pattern.search(p.read_text())]
+    assert offenders == []

@@ -101,3 +101,18 @@ def test_recipes_on_fixtures_two_ranks(folders, tmp_path, zero):
             r0, r1 = (json.loads((run_dir / f"rank{r}.done.json").read_text()) for r in (0, 1))
             assert r0["world_size"] == 2 and r0["train"] == r1["train"], run_dir.name
             assert r0["param_checksum"] == pytest.approx(r1["param_checksum"], rel=0, abs=1e-6), run_dir.name
+
+
+def test_unsupported_checkpoint_stops_with_one_line(folders, tmp_path, capsys):
+    """A LLaDA folder our implementation cannot reproduce: exit 2 and one line naming the key,
+    before any weights load."""
+    import shutil
+
+    bad = tmp_path / "alibi-llada"
+    shutil.copytree(folders["llada"], bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "alibi": True}))
+    code = main(overrides("llada", "grpo", "full", bad, tmp_path / "run"))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dllm-rl:")]
+    assert code == 2 and len(err) == 1, err
+    assert f"model.path={bad}: LLaDA config alibi=True is not supported" in err[0]

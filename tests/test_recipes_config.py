@@ -77,6 +77,8 @@ BAD_OVERRIDES = [
     ("logger.wandb.mode=on", "logger.wandb.mode='on': not allowed"),
     ("rl.per_device_batch_size=4", "rl.per_device_batch_size: unknown key"),  # GRPO counts prompts: per_device_prompts
     ("recipe=unmask_order rl.rollout.threshold=0.9", "rl.rollout.threshold=0.9: the order learner needs"),
+    ("recipe=unmask_order rl.lora.enabled=true", "rl.lora.enabled: LoRA adapts the dLLM, which the order learner "
+                                                 "trains only with train_dllm=true"),
     ("rl.reward_weights=[1.0]", "rl.reward_weights: weighs a Python trainer's reward_funcs"),
     ("rl.rewards={format_soft: 1.0}", "rl.rewards={'format_soft': 1.0}: recipes score with the task's rewards"),
 ]

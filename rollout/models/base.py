@@ -109,22 +109,6 @@ class BidirectionalLM(PreTrainedModel):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def _init_weights(self, module: nn.Module) -> None:
-        std = self.config.initializer_range
-        if isinstance(module, nn.Linear):
-            nn.init.normal_(module.weight, std=std)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.Embedding):
-            nn.init.normal_(module.weight, std=std)
-        elif type(module) is self.norm_cls:
-            nn.init.ones_(module.weight)
-        elif type(module) is self.rotary_cls:
-            inv_freq, _ = module.rope_init_fn(module.config) if hasattr(module, "rope_init_fn") else \
-                module.compute_default_rope_parameters(module.config)
-            module.inv_freq.copy_(inv_freq)
-            module.original_inv_freq.copy_(inv_freq)
-
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, past_key_values=None,
                 inputs_embeds: torch.Tensor | None = None, output_hidden_states: bool | None = None,
