@@ -293,11 +293,7 @@ class Sandbox:
             os.killpg(h.proc.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        for k in kids:
-            try:
-                os.kill(k, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        _sigkill(kids)
         if h.cgroup:
             h.cgroup.kill()
         h.proc.wait()
@@ -306,11 +302,7 @@ class Sandbox:
             left = [k for k in kids if _alive(k)] + ([p for p in h.cgroup.pids() if _alive(p)] if h.cgroup else [])
             if not left:
                 break
-            for k in left:
-                try:
-                    os.kill(k, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            _sigkill(left)
             time.sleep(0.002)
         else:
             log.warning("sandbox processes still alive 5 s after SIGKILL: %s", left)
@@ -457,6 +449,14 @@ def _descendants(pid: int) -> list[int]:
             out += kids
             stack += kids
     return out
+
+
+def _sigkill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def _alive(pid: int) -> bool:
