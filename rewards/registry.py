@@ -41,12 +41,14 @@ def prompt_text(prompt) -> str:
     return next((m["content"] for m in reversed(prompt) if m.get("role") == "user"), "")
 
 
-def completion_text(completion) -> str:
-    """Plain text of a completion: a string as is; TRL's chat form ``[{"role": "assistant",
-    "content": ...}]``: the content of its last message."""
-    if isinstance(completion, str):
+def completion_text(completion):
+    """Plain text of a completion: TRL's chat form ``[{"role": "assistant", "content": ...}]``:
+    the content of its last message; anything else as is (a string, or a malformed value the
+    reward itself scores 0 and logs)."""
+    if not isinstance(completion, (list, tuple)):
         return completion
-    return str(completion[-1]["content"]) if len(completion) else ""
+    last = completion[-1] if completion else {}
+    return str(last.get("content", "")) if isinstance(last, dict) else completion
 
 
 def plain_text(fn: RewardFn) -> RewardFn:

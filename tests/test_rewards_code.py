@@ -143,3 +143,13 @@ def test_malformed_samples_score_zero_with_one_log_line(reward, caplog):
     bad = [0, 1, 2, 4, 5, 6, 7, 8, 9, 10]
     assert sorted(int(m.split("sample ")[1].split(" ")[0].rstrip(":")) for m in lines) == bad
     assert all("Traceback" not in m for m in lines)
+
+
+def test_malformed_completions_through_the_registry_score_zero(caplog):
+    """``get_reward`` wraps built-ins to receive text; a None/int/bytes completion must still reach
+    the reward (0 and one log line), not raise in the wrapper."""
+    fn = get_reward("code", mode="bwrap", pool_size=1, timeout_s=5.0)
+    with caplog.at_level("WARNING", logger="rewards"):
+        scores = fn(["", "", ""], [None, 7, GOOD], tests=[TESTS] * 3)
+    assert scores == [0.0, 0.0, 1.0]
+    assert sum("scored 0" in r.getMessage() for r in caplog.records if r.name == "rewards") == 2
