@@ -22,6 +22,7 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LR_SCHEDULERS = ("constant", "cosine")
 WANDB_MODES = ("online", "offline", "disabled")
 KV_CACHES = ("prefix", "dual")
+ROLLOUT_BACKENDS = ("torch", "vllm")
 
 
 class ConfigError(ValueError):
@@ -96,8 +97,29 @@ class LoraOptions:
 
 
 @dataclass
+class VLLMOptions:
+    """Settings of the vLLM rollout engine (``backend=vllm``; README, "Rollout backends"). One
+    engine per training process, colocated with training on the same device."""
+
+    tensor_parallel_size: int = 1  # devices per engine (> 1: ranks of a torchrun world form the groups)
+    gpu_memory_utilization: float = 0.3  # share of device memory the engine may take (CPU: of host memory)
+    dtype: str = "auto"  # auto = the policy's dtype; else float32 | bfloat16 | float16
+    max_num_seqs: int = 256  # rows per engine step (a larger batch takes more steps of the same call)
+    max_num_batched_tokens: int = 32768  # tokens per engine step
+    enforce_eager: bool = True  # no CUDA graphs / compilation: ~2 s startup
+
+    def __post_init__(self) -> None:
+        check_range("tensor_parallel_size", self.tensor_parallel_size, low=1)
+        check_range("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_range("max_num_seqs", self.max_num_seqs, low=1)
+        check_range("max_num_batched_tokens", self.max_num_batched_tokens, low=1)
+
+
+@dataclass
 class RolloutOptions:
-    """Arguments of ``rollout.generate`` (LLaDA semantics; see rollout/sampler.py)."""
+    """The rollout engine's options, spelled once: the sampler's arguments (LLaDA semantics; see
+    rollout/sampler.py) and the backend that runs its forwards (rollout/engine.py)."""
 
     gen_length: int = 256
     block_length: int = 32
@@ -109,6 +131,8 @@ class RolloutOptions:
     early_commit: float | None = None
     fill_after_eos: bool = False
     kv_cache: str | None = None
+    backend: str = "torch"  # torch: the sampler in process; vllm: every denoising forward is a vLLM call
+    vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     def __post_init__(self) -> None:
         if self.gen_length < 1 or self.block_length < 1 or self.gen_length % self.block_length:
@@ -127,6 +151,23 @@ class RolloutOptions:
             from rollout.remasking import REMASKING  # imports torch: only for a non-default value
 
             check_choice("remasking", self.remasking, REMASKING)
+        check_choice("backend", self.backend, ROLLOUT_BACKENDS)
+        if self.backend == "vllm":
+            self._check_vllm()
+
+    def _check_vllm(self) -> None:
+        """What the vLLM backend cannot do: one line naming the key."""
+        import importlib.util
+
+        if self.cfg_scale:
+            raise ConfigError(f"cfg_scale={self.cfg_scale}: backend=vllm runs one forward per step (no "
+                              "classifier-free guidance); use backend=torch")
+        if self.kv_cache is not None:
+            raise ConfigError(f"kv_cache={self.kv_cache!r}: backend=vllm runs every step on the whole sequence "
+                              "(no block KV cache); set kv_cache=null or use backend=torch")
+        if importlib.util.find_spec("vllm") is None:
+            raise ConfigError("backend=vllm: vLLM is not installed; `pip install -e .[vllm]` (README, "
+                              "\"Rollout backends\")")
 
 
 @dataclass
@@ -324,3 +365,6 @@ class UnmaskOrderConfig(_GroupRLConfig):
                                   "LLaDA's fixed schedule (set it to null)")
         if self.rollout.fill_after_eos or self.rollout.cfg_scale:
             raise ConfigError("rollout: fill_after_eos and cfg_scale are not supported by the order learner")
+        if self.rollout.backend != "torch":
+            raise ConfigError(f"rollout.backend={self.rollout.backend}: the order learner reads the dLLM's logits and "
+                              "hidden states at every step, which only backend=torch gives")

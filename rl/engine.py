@@ -13,14 +13,14 @@ import copy
 import json
 import math
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn as nn
 
 from rl import distributed as D
+from rollout.weights import gathered_for_generation, is_zero3  # noqa: F401  (re-exported)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "deepspeed"
 
@@ -237,43 +237,6 @@ def unwrap(engine: Any) -> nn.Module:
     if hasattr(engine, "zero_optimization_stage") and isinstance(getattr(engine, "module", None), nn.Module):
         return engine.module
     return engine
-
-
-def is_zero3(engine: Any) -> bool:
-    return hasattr(engine, "zero_optimization_partition_weights") and bool(engine.zero_optimization_partition_weights())
-
-
-def _zero3_offload(engine):
-    """The object that owns the ZeRO-3 parameter-fetch hooks of ``engine``."""
-    opt = engine.optimizer
-    return getattr(opt, "parameter_offload", opt)
-
-
-@contextmanager
-def gathered_for_generation(engine) -> Iterator[nn.Module]:
-    """Yield the module to call for a whole rollout phase.
-
-    Under ZeRO-3 all parameters are all-gathered once on entry (``GatheredParameters``,
-    ``modifier_rank=None``: read-only) and the per-module fetch/release hooks are detached,
-    so the many sampler forwards inside the block run on full local weights without any
-    communication; on exit the hooks are re-attached and the gathered copies freed. Other
-    stages yield ``engine.module`` unchanged. Call the yielded module under ``torch.no_grad``.
-    """
-    module = unwrap(engine)
-    if not is_zero3(engine):
-        yield module
-        return
-    import deepspeed
-
-    offload = _zero3_offload(engine)
-    with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
-        for h in offload.forward_hooks + offload.backward_hooks:
-            h.remove()
-        offload.forward_hooks, offload.backward_hooks = [], []
-        try:
-            yield module
-        finally:
-            offload._register_deepspeed_module(offload.module)
 
 
 def consolidated_state_dict(engine, *, rank0_only: bool = True) -> dict[str, torch.Tensor] | None:

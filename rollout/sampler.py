@@ -24,14 +24,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from rollout.adapter import kv_cache_support, unwrap_model
 from rollout.kv_cache import BlockKVCache, window_mask
-from rollout.remasking import REMASKING, confidence_scores, num_transfer_tokens, propose_tokens, top_k_mask
+from rollout.remasking import (REMASKING, confidence_scores, needed_stats, num_transfer_tokens, propose_and_score,
+                                top_k_mask)
 from rollout.types import Rollout, completion_mask_from_eos
 
 KV_CACHE_MODES = ("prefix", "dual")
@@ -98,13 +99,38 @@ def _eval_mode(model):
             m.training = flag
 
 
-class _Denoiser:
-    """One denoising forward: CFG batching, optional block KV cache, slicing to the scored window."""
+@dataclass
+class Proposal:
+    """What one denoising forward gives the loop for the scored positions ``[s0, scope_end)``:
+    proposals ``x0`` ``[B, S]``, the requested ``stats`` (:func:`rollout.remasking.propose_and_score`),
+    and, from the torch backend only, the (post-CFG) ``logits`` and the block's last hidden states
+    (for order policies)."""
+
+    x0: torch.Tensor
+    stats: dict[str, torch.Tensor]
+    logits: torch.Tensor | None = None
+    hidden: torch.Tensor | None = None
+
+
+class Denoiser(Protocol):
+    """The one place a denoising forward happens: the torch model (:class:`TorchDenoiser`) or a
+    vLLM engine (:mod:`rollout.vllm_backend`). ``passes``: model forwards per call (CFG: 2)."""
+
+    passes: int
+
+    def __call__(self, x: torch.Tensor, s0: int, e0: int, scope_end: int, block_first_step: bool) -> Proposal: ...
+
+
+class TorchDenoiser:
+    """One denoising forward of a torch model: CFG batching, optional block KV cache, slicing to
+    the scored window, then proposals and statistics (:func:`propose_and_score`)."""
 
     def __init__(self, model, *, prompt_len: int, full_mask: torch.Tensor | None, mask_id: int,
-                 cfg_scale: float, kv_cache: str | None, want_hidden: bool, dtype: torch.dtype):
+                 cfg_scale: float, kv_cache: str | None, want_hidden: bool, dtype: torch.dtype,
+                 temperature: float, generator: torch.Generator | None, stats: tuple[str, ...]):
         self.model, self.P, self.mask_id = model, prompt_len, mask_id
         self.cfg_scale, self.kv_cache, self.want_hidden, self.dtype = cfg_scale, kv_cache, want_hidden, dtype
+        self.temperature, self.generator, self.stats = temperature, generator, stats
         self.full_mask = full_mask if cfg_scale == 0 or full_mask is None else torch.cat([full_mask, full_mask])
         self.passes = 2 if cfg_scale > 0 else 1
         self.cache: BlockKVCache | None = None
@@ -113,9 +139,9 @@ class _Denoiser:
         # positions count real tokens (left padding shifts nothing), the same in full and window passes
         self.positions = None if self.full_mask is None else (self.full_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def __call__(self, x: torch.Tensor, s0: int, e0: int, scope_end: int, block_first_step: bool):
-        """Logits ``[B, scope_end - s0, V]`` for positions ``[s0, scope_end)`` and last-layer
-        hidden states ``[B, e0 - s0, H]`` (or None) for the block ``[s0, e0)``."""
+    def __call__(self, x: torch.Tensor, s0: int, e0: int, scope_end: int, block_first_step: bool) -> Proposal:
+        """Proposals for positions ``[s0, scope_end)``, with their logits ``[B, scope_end - s0, V]``
+        and last-layer hidden states ``[B, e0 - s0, H]`` (or None) for the block ``[s0, e0)``."""
         B, N = x.shape
         if self.cfg_scale > 0:
             un_x = x.clone()
@@ -143,7 +169,9 @@ class _Denoiser:
         hidden = getattr(out, "hidden_states", None) if self.want_hidden else None
         if hidden is not None:
             hidden = hidden[-1][:B, s0 - q0:e0 - q0]
-        return logits, hidden
+        x0, stats = propose_and_score(logits, mask_id=self.mask_id, temperature=self.temperature,
+                                      generator=self.generator, stats=self.stats)
+        return Proposal(x0=x0, stats=stats, logits=logits, hidden=hidden)
 
 
 def _check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, temperature, cfg_scale,
@@ -228,7 +256,35 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
         ok, why = kv_cache_support(model)
         if not ok:
             raise ValueError(f"kv_cache={kv_cache!r} is not supported for this model: {why}")
+    denoiser = TorchDenoiser(model, prompt_len=prompt_ids.shape[1], full_mask=full_attention_mask(attention_mask, gen_length),
+                             mask_id=mask_id, cfg_scale=cfg_scale, kv_cache=kv_cache,
+                             want_hidden=order_policy is not None, dtype=_param_dtype(model), temperature=temperature,
+                             generator=generator, stats=needed_stats(remasking, threshold, early_commit))
+    with torch.no_grad(), _eval_mode(model):
+        out = denoise(denoiser, prompt_ids, attention_mask=attention_mask, steps=steps, gen_length=gen_length,
+                      block_length=block_length, mask_id=mask_id, eos_id=eos_id, remasking=remasking,
+                      generator=generator, threshold=threshold, early_commit=early_commit,
+                      fill_after_eos=fill_after_eos, order_policy=order_policy, record_scores=record_scores)
+    out.extras["kv_cache"] = kv_cache
+    return out
 
+
+def full_attention_mask(attention_mask: torch.Tensor | None, gen_length: int) -> torch.Tensor | None:
+    """``[B, P + L]`` padding mask of prompt + completion (None: no padding)."""
+    if attention_mask is None:
+        return None
+    ones = torch.ones(attention_mask.shape[0], gen_length, dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([attention_mask, ones], 1)
+
+
+def denoise(denoiser: Denoiser, prompt_ids: torch.Tensor, *, attention_mask: torch.Tensor | None, steps: int,
+            gen_length: int, block_length: int, mask_id: int, eos_id: int | None, remasking: str,
+            generator: torch.Generator | None, threshold: float | None = None, early_commit: float | None = None,
+            fill_after_eos: bool = False, order_policy: OrderPolicy | None = None,
+            record_scores: bool = False) -> Rollout:
+    """The denoising loop of :func:`generate` over any :class:`Denoiser` (arguments checked by the
+    caller): blocks left to right, the schedule's commits per step, the fast modes. Every model
+    forward happens inside ``denoiser``; the loop itself only selects and commits."""
     device = prompt_ids.device
     B, P = prompt_ids.shape
     L, N = gen_length, prompt_ids.shape[1] + gen_length
@@ -237,77 +293,65 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     x = torch.full((B, N), mask_id, dtype=torch.long, device=device)
     x[:, :P] = prompt_ids
     prompt_mask = (attention_mask if attention_mask is not None else torch.ones_like(prompt_ids)).long()
-    full_mask = None
-    if attention_mask is not None:
-        full_mask = torch.cat([attention_mask, torch.ones(B, L, dtype=attention_mask.dtype, device=device)], 1)
     unmask_step = torch.full((B, L), -1, dtype=torch.long, device=device)
     scores: list[torch.Tensor] = []
     adaptive = threshold is not None or early_commit is not None or fill_after_eos
-    need_probs = remasking != "random" or threshold is not None or early_commit is not None
-    denoise = _Denoiser(model, prompt_len=P, full_mask=full_mask, mask_id=mask_id, cfg_scale=cfg_scale,
-                        kv_cache=kv_cache, want_hidden=order_policy is not None, dtype=_param_dtype(model))
     step = nfe = 0
     ones = torch.ones(B, dtype=torch.long, device=device)
 
-    with torch.no_grad(), _eval_mode(model):
-        for blk in range(num_blocks):
-            s0, e0 = P + blk * block_length, P + (blk + 1) * block_length
-            masked_blk = x[:, s0:e0] == mask_id
-            if adaptive and not bool(masked_blk.any()):  # filled by early commit / EOS fill
-                continue
-            sched = num_transfer_tokens(masked_blk.sum(1), spb)
-            scope_end = e0 if early_commit is None or kv_cache == "dual" else N
-            for s in range(spb):
-                logits, hidden = denoise(x, s0, e0, scope_end, block_first_step=(s == 0))
-                nfe += denoise.passes
-                xs = x[:, s0:scope_end]
-                cand = xs == mask_id
-                cand_b = cand[:, :block_length]
-                proposal_logits = logits.clone()
-                proposal_logits[..., mask_id] = float("-inf")  # never propose the mask token
-                x0 = propose_tokens(proposal_logits, temperature, generator)
-                probs = torch.softmax(logits.float(), dim=-1) if need_probs else None
-                conf = confidence_scores(probs, x0, remasking, generator)
-                rank_scores, select = conf[:, :block_length], None
-                if order_policy is not None:
-                    state = StepState(
-                        logits=logits[:, :block_length], hidden_states=hidden, masked=cand_b,
-                        x0=x0[:, :block_length], confidence=rank_scores, num_transfer=sched[:, s], x=x,
-                        block_start=s0, block_end=e0, prompt_length=P, step=step, step_in_block=s,
-                        block_index=blk, num_blocks=num_blocks, steps_per_block=spb,
-                        step_fraction=(blk * spb + s) / steps, generator=generator)
-                    policy_scores, select = _policy_output(order_policy(state), cand_b)
-                    if policy_scores is not None:
-                        rank_scores = policy_scores
-                if select is None:
-                    k = sched[:, s] if threshold is None else torch.maximum(sched[:, s], ones)
-                    select = top_k_mask(rank_scores, cand_b, k)
-                    if threshold is not None:
-                        p_x0 = probs[:, :block_length].gather(-1, x0[:, :block_length, None]).squeeze(-1)
-                        select = select | (cand_b & (p_x0 >= threshold))
-                if s == spb - 1:
-                    select = select | cand_b
-                commit = torch.cat([select, torch.zeros_like(cand[:, block_length:])], 1)
-                if early_commit is not None:
-                    top2 = probs.topk(2, dim=-1).values
-                    settled = ((top2[..., 0] - top2[..., 1] >= early_commit) | ~cand).all(1) & cand.any(1)
-                    commit = commit | (cand & settled[:, None])
-                x[:, s0:scope_end] = torch.where(commit, x0, xs)
-                c0, c1 = s0 - P, scope_end - P
-                unmask_step[:, c0:c1] = unmask_step[:, c0:c1].masked_fill(commit, step)
-                if fill_after_eos:
-                    comp = x[:, P:]
-                    is_eos = (comp == eos_id).long()
-                    fill = ((is_eos.cumsum(1) - is_eos) > 0) & (comp == mask_id)
-                    x[:, P:] = comp.masked_fill(fill, eos_id)
-                    unmask_step.masked_fill_(fill, step)
-                if record_scores:
-                    row = torch.full((B, L), float("nan"), device=device)
-                    row[:, c0:c0 + block_length] = rank_scores.float().masked_fill(~cand_b, float("nan"))
-                    scores.append(row)
-                step += 1
-                if adaptive and not bool((x[:, s0:e0] == mask_id).any()):
-                    break
+    for blk in range(num_blocks):
+        s0, e0 = P + blk * block_length, P + (blk + 1) * block_length
+        masked_blk = x[:, s0:e0] == mask_id
+        if adaptive and not bool(masked_blk.any()):  # filled by early commit / EOS fill
+            continue
+        sched = num_transfer_tokens(masked_blk.sum(1), spb)
+        scope_end = e0 if early_commit is None or getattr(denoiser, "kv_cache", None) == "dual" else N
+        for s in range(spb):
+            prop = denoiser(x, s0, e0, scope_end, block_first_step=(s == 0))
+            nfe += denoiser.passes
+            xs = x[:, s0:scope_end]
+            cand = xs == mask_id
+            cand_b = cand[:, :block_length]
+            x0 = prop.x0
+            conf = confidence_scores(prop.stats, x0, remasking, generator)
+            rank_scores, select = conf[:, :block_length], None
+            if order_policy is not None:
+                state = StepState(
+                    logits=prop.logits[:, :block_length], hidden_states=prop.hidden, masked=cand_b,
+                    x0=x0[:, :block_length], confidence=rank_scores, num_transfer=sched[:, s], x=x,
+                    block_start=s0, block_end=e0, prompt_length=P, step=step, step_in_block=s,
+                    block_index=blk, num_blocks=num_blocks, steps_per_block=spb,
+                    step_fraction=(blk * spb + s) / steps, generator=generator)
+                policy_scores, select = _policy_output(order_policy(state), cand_b)
+                if policy_scores is not None:
+                    rank_scores = policy_scores
+            if select is None:
+                k = sched[:, s] if threshold is None else torch.maximum(sched[:, s], ones)
+                select = top_k_mask(rank_scores, cand_b, k)
+                if threshold is not None:
+                    select = select | (cand_b & (prop.stats["p_x0"][:, :block_length] >= threshold))
+            if s == spb - 1:
+                select = select | cand_b
+            commit = torch.cat([select, torch.zeros_like(cand[:, block_length:])], 1)
+            if early_commit is not None:
+                settled = ((prop.stats["margin"] >= early_commit) | ~cand).all(1) & cand.any(1)
+                commit = commit | (cand & settled[:, None])
+            x[:, s0:scope_end] = torch.where(commit, x0, xs)
+            c0, c1 = s0 - P, scope_end - P
+            unmask_step[:, c0:c1] = unmask_step[:, c0:c1].masked_fill(commit, step)
+            if fill_after_eos:
+                comp = x[:, P:]
+                is_eos = (comp == eos_id).long()
+                fill = ((is_eos.cumsum(1) - is_eos) > 0) & (comp == mask_id)
+                x[:, P:] = comp.masked_fill(fill, eos_id)
+                unmask_step.masked_fill_(fill, step)
+            if record_scores:
+                row = torch.full((B, L), float("nan"), device=device)
+                row[:, c0:c0 + block_length] = rank_scores.float().masked_fill(~cand_b, float("nan"))
+                scores.append(row)
+            step += 1
+            if adaptive and not bool((x[:, s0:e0] == mask_id).any()):
+                break
 
     completion = x[:, P:]
     cmask = completion_mask_from_eos(completion, eos_id) if eos_id is not None else torch.ones_like(completion)
@@ -315,8 +359,8 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
         sequences=x, prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion,
         completion_mask=cmask, unmask_step=unmask_step, num_forward_passes=nfe, num_steps=step,
         step_scores=torch.stack(scores, 1) if record_scores else None,
-        extras={"kv_cache": kv_cache, "threshold": threshold, "early_commit": early_commit,
-                "fill_after_eos": fill_after_eos, "block_length": block_length, "steps": steps},
+        extras={"threshold": threshold, "early_commit": early_commit, "fill_after_eos": fill_after_eos,
+                "block_length": block_length, "steps": steps},
     )
 
 

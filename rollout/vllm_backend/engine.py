@@ -1,0 +1,199 @@
+"""The vLLM rollout engine: our denoising loop (:func:`rollout.sampler.denoise`) with every forward
+one ``LLM.encode`` call on the batch.
+
+The engine runs inside the training process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), so weights
+move by reference: :meth:`VLLMEngine.update_weights` streams the policy's tensors into vLLM's model
+one at a time (:func:`rollout.weights.hf_weights`: ZeRO-3 shards gathered per tensor, LoRA
+merged). Under a multi-rank launcher each rank holds its own engine (vLLM's
+``external_launcher``: ranks in groups of ``tensor_parallel_size``), colocated with training.
+
+Per call each row is sent without its left padding (positions count real tokens, as in the torch
+backend); the pooler (:class:`rollout.vllm_backend.models.DenoisePooler`) returns, for the scored
+window, the proposal and the statistics the loop asked for. At temperature > 0 every row draws its
+float64 Gumbel noise from a seed taken from the caller's generator, so a run is reproducible
+and its proposals follow the same distribution as the torch backend's (not the same draws).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+from rollout.engine import RolloutEngine
+from rollout.remasking import needed_stats
+from rollout.sampler import Proposal, _check_args, denoise
+from rollout.types import Rollout
+from rollout.weights import hf_weights
+
+# vLLM's CPU attention backend accepts these head sizes only (others fail at the first forward).
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+def _hf_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def check_model(config) -> None:
+    """One ``ValueError`` line when vLLM cannot serve a model with this transformers ``config``."""
+    from rollout.vllm_backend.models import SUPPORTED, to_vllm_config
+
+    translated = to_vllm_config(config)
+    if translated is config:
+        raise ValueError(f"rollout.backend=vllm: model_type={getattr(config, 'model_type', None)!r} is not served "
+                         f"(supported: {', '.join(SUPPORTED)}); use rollout.backend=torch")
+    from vllm.platforms import current_platform
+
+    head = getattr(translated, "head_dim", None) or translated.hidden_size // translated.num_attention_heads
+    if current_platform.is_cpu() and head not in CPU_HEAD_SIZES:
+        raise ValueError(f"rollout.backend=vllm: head size {head} (hidden_size / num_attention_heads) is not "
+                         f"supported by vLLM's CPU attention (supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
+
+
+def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto"):
+    """A vLLM ``LLM`` serving the checkpoint folder ``path`` as our pooling dLLM, in this process.
+    ``settings``: ``RolloutOptions.vllm``; ``load_format="dummy"`` leaves the weights to
+    :meth:`VLLMEngine.update_weights`."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    from rollout.vllm_backend import register
+    from rollout.vllm_backend.models import to_vllm_config
+
+    if current_platform.is_cpu():
+        # follow torch's thread setting (the recipes run one thread) instead of pinning every core
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+    register()
+    kw = {}
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        kw["distributed_executor_backend"] = "external_launcher"  # one engine per rank (TRL's colocate)
+    set_num_threads = torch.set_num_threads  # vLLM's CPU worker disables it for the whole process
+    try:
+        return LLM(model=str(path), runner="pooling", hf_overrides=to_vllm_config, skip_tokenizer_init=True,
+                   load_format=load_format, dtype=dtype, tensor_parallel_size=settings.tensor_parallel_size,
+                   gpu_memory_utilization=settings.gpu_memory_utilization, max_num_seqs=settings.max_num_seqs,
+                   max_num_batched_tokens=settings.max_num_batched_tokens, enforce_eager=settings.enforce_eager,
+                   enable_prefix_caching=False, seed=0, **kw)
+    finally:
+        torch.set_num_threads = set_num_threads
+
+
+class VLLMDenoiser:
+    """:class:`rollout.sampler.Denoiser` on a vLLM engine: one ``encode`` call per step."""
+
+    passes = 1
+
+    def __init__(self, llm, *, attention_mask: torch.Tensor | None, batch: int, mask_id: int, shift: int,
+                 temperature: float, generator: torch.Generator | None, stats: tuple[str, ...]):
+        from vllm.pooling_params import PoolingParams
+
+        self.llm, self.temperature, self.generator, self.stats = llm, temperature, generator, stats
+        self.params = PoolingParams
+        self.pads = [0] * batch if attention_mask is None else (attention_mask == 0).sum(1).tolist()
+        self.common = {"shift": shift, "mask_id": mask_id, "temperature": temperature, "stats": list(stats)}
+
+    def _seed(self) -> int:
+        g = self.generator
+        device = g.device if g is not None else "cpu"
+        return int(torch.randint(0, 2**62, (1,), generator=g, device=device))
+
+    def __call__(self, x: torch.Tensor, s0: int, e0: int, scope_end: int, block_first_step: bool) -> Proposal:
+        B, N = x.shape
+        seed = self._seed() if self.temperature > 0 else 0
+        window = {**self.common, "back": N - s0, "n": scope_end - s0}
+        params = [self.params(extra_kwargs={**window, "seed": seed + b}) for b in range(B)]
+        prompts = [{"prompt_token_ids": row[pad:]} for row, pad in zip(x.tolist(), self.pads)]
+        outs = self.llm.encode(prompts, pooling_params=params, pooling_task="token_classify", use_tqdm=False)
+        data = torch.stack([o.outputs.data for o in outs]).to(x.device)
+        return Proposal(x0=data[..., 0].long(),
+                        stats={name: data[..., 1 + i].float() for i, name in enumerate(self.stats)})
+
+
+class VLLMEngine(RolloutEngine):
+    """The rollout engine on vLLM (see the module docstring). ``checkpoint``: start from this
+    folder's weights (read by vLLM's loader, published tensor names) instead of streaming the
+    attached model's."""
+
+    backend = "vllm"
+
+    def __init__(self, options: Any, model: nn.Module | None = None, *, adapter=None, checkpoint: str | None = None):
+        self.llm = None
+        self._dir: str | None = None
+        self._checkpoint = checkpoint
+        super().__init__(options, model, adapter=adapter)
+
+    def attach(self, model: nn.Module, *, adapter=None) -> None:
+        super().attach(model, adapter=adapter)
+        if self.llm is not None:
+            self.update_weights()
+            return
+        hf = _hf_model(self.adapter.model)
+        check_model(hf.config)
+        settings = self.options.vllm
+        dtype = settings.dtype if settings.dtype != "auto" else _dtype_name(next(hf.parameters()).dtype)
+        if self._checkpoint is not None:
+            self.llm = start_llm(self._checkpoint, settings, dtype=dtype)
+            return
+        self._dir = tempfile.mkdtemp(prefix="dllm-rl-vllm-")
+        hf.config.save_pretrained(self._dir)
+        self.llm = start_llm(self._dir, settings, dtype=dtype, load_format="dummy")
+        self.update_weights()
+
+    def _generate(self, ids: torch.Tensor, mask: torch.Tensor | None, options: Any, *,
+                  generator: torch.Generator | None, order_policy, record_scores: bool) -> Rollout:
+        if order_policy is not None:
+            raise ValueError("rollout.backend=vllm: order policies read the dLLM's logits and hidden states, "
+                             "which only backend=torch gives")
+        if options.cfg_scale or options.kv_cache is not None:
+            raise ValueError(f"rollout.backend=vllm: cfg_scale={options.cfg_scale}, kv_cache={options.kv_cache!r} "
+                             "are torch-only options")
+        _check_args(ids, mask, steps=options.steps, gen_length=options.gen_length, block_length=options.block_length,
+                    temperature=options.temperature, cfg_scale=0.0, remasking=options.remasking,
+                    threshold=options.threshold, early_commit=options.early_commit, kv_cache=None)
+        adapter = self.adapter
+        eos_id = adapter.eos_token_id
+        if options.fill_after_eos and eos_id is None:
+            raise ValueError("fill_after_eos=True needs eos_id (the model/adapter does not define one)")
+        stats = needed_stats(options.remasking, options.threshold, options.early_commit)
+        denoiser = VLLMDenoiser(self.llm, attention_mask=mask, batch=ids.shape[0], mask_id=adapter.mask_token_id,
+                                shift=int(bool(adapter.logits_shifted)), temperature=options.temperature,
+                                generator=generator, stats=stats)
+        out = denoise(denoiser, ids, attention_mask=mask, steps=options.steps, gen_length=options.gen_length,
+                      block_length=options.block_length, mask_id=adapter.mask_token_id, eos_id=eos_id,
+                      remasking=options.remasking, generator=generator, threshold=options.threshold,
+                      early_commit=options.early_commit, fill_after_eos=options.fill_after_eos,
+                      record_scores=record_scores)
+        out.extras["backend"] = "vllm"
+        return out
+
+    def update_weights(self) -> float:
+        """Stream the attached model's weights into vLLM, one tensor at a time; seconds taken."""
+        self._check_attached()
+        t0 = time.perf_counter()
+        with torch.no_grad():  # vLLM's in-place reload (it re-applies its post-load weight processing)
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_weights(self.adapter.model)})
+        return time.perf_counter() - t0
+
+    def close(self) -> None:
+        """Shut vLLM down (its model-parallel groups too; the caller's process group stays)."""
+        if self.llm is not None:
+            from vllm.distributed.parallel_state import destroy_model_parallel
+
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+            destroy_model_parallel()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
