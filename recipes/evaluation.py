@@ -12,9 +12,8 @@ import torch
 
 from rl import distributed as D
 from rl.config import RolloutOptions
-from rl.data import encode_prompt, left_pad
 from rl.tasks import Task
-from rollout import generate
+from rollout.engine import RolloutEngine, engine_for
 
 
 def _world() -> tuple[int, int]:
@@ -22,34 +21,29 @@ def _world() -> tuple[int, int]:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: list, ro: RolloutOptions, *, batch_size: int,
+def generate_texts(engine: RolloutEngine, prompts: list, ro: RolloutOptions, *, batch_size: int,
                    generator: torch.Generator | None = None) -> tuple[list[str], int]:
     """Completions of ``prompts`` with the rollout engine; returns ``(texts, forward_passes)``."""
-    device = next(model.parameters()).device
     texts, passes = [], 0
     for i in range(0, len(prompts), batch_size):
-        ids, mask = left_pad([encode_prompt(tokenizer, p) for p in prompts[i:i + batch_size]], tokenizer.pad_token_id)
-        out = generate(model, ids.to(device), attention_mask=mask.to(device), mask_id=model.mask_token_id,
-                       eos_id=model.eos_token_id, steps=ro.steps, gen_length=ro.gen_length,
-                       block_length=ro.block_length, temperature=ro.temperature, cfg_scale=ro.cfg_scale,
-                       remasking=ro.remasking, threshold=ro.threshold, early_commit=ro.early_commit,
-                       fill_after_eos=ro.fill_after_eos, kv_cache=ro.kv_cache, generator=generator)
-        texts += out.decode(tokenizer)
+        out = engine.generate(prompts[i:i + batch_size], options=ro, generator=generator)
+        texts += out.decode(engine.adapter.tokenizer)
         passes += out.num_forward_passes
     return texts, passes
 
 
-def evaluate_rows(model, task: Task, rows: list[dict], ro: RolloutOptions, *, batch_size: int = 128,
+def evaluate_rows(policy, task: Task, rows: list[dict], ro: RolloutOptions, *, batch_size: int = 128,
                   seed: int = 0, prefix: str = "eval/") -> dict[str, float]:
-    """Exact-solve accuracy and mean reward of ``model`` on ``rows`` (sharded over ranks, summed
+    """Exact-solve accuracy and mean reward of ``policy`` (a rollout engine, or a policy adapter:
+    then an engine of ``ro.backend`` is built around it) on ``rows`` (sharded over ranks, summed
     with one all-reduce so every rank returns the same numbers)."""
     rank, world = _world()
     mine = rows[rank::world]
-    g = torch.Generator(device=next(model.parameters()).device)
-    g.manual_seed(seed)
     t0 = time.perf_counter()
-    texts, passes = generate_texts(model, model.tokenizer, [r["prompt"] for r in mine], ro,
-                                   batch_size=batch_size, generator=g)
+    with engine_for(policy, ro) as engine:
+        g = torch.Generator(device=next(engine.adapter.parameters()).device)
+        g.manual_seed(seed)
+        texts, passes = generate_texts(engine, [r["prompt"] for r in mine], ro, batch_size=batch_size, generator=g)
     correct, reward = 0, 0.0
     if mine:
         correct = sum(task.correct(mine, texts))

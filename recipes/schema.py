@@ -198,6 +198,9 @@ class RunConfig:
                 got = "no trainer" if stage is None else f"a {type(stage).__name__}"
                 raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
                                   f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
+            if isinstance(stage, UnmaskOrderConfig) and self.rollout.backend != "torch":
+                raise ConfigError(f"rollout.backend={self.rollout.backend}: recipe {self.recipe.name} reads the dLLM's "
+                                  "logits and hidden states at every step, which only backend=torch gives")
             if isinstance(stage, (DiffuGRPOConfig, UnmaskOrderConfig)):
                 # a recipe scores with the task's rewards: nothing else may look like it is used
                 if stage.reward_weights is not None:

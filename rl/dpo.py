@@ -212,11 +212,11 @@ class DiffusionDPOTrainer(Trainer):
     config: DPOConfig
     needs_reference = True
 
-    def __init__(self, config: DPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None):
+    def __init__(self, config: DPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None, rollouts=None):
         check_columns(train_dataset, PREFERENCE_COLUMNS, "DPO train data")
         # (DPOConfig checked the estimator, its options and optimal_allocation)
         self.estimator = get_estimator(config.estimator, n_samples=config.n_samples, **dict(config.estimator_options))
-        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn, rollouts=rollouts)
         self.mask_id = policy.mask_token_id
 
     def encode(self, rows: list[dict]) -> tuple[ResponseBatch, ResponseBatch]:

@@ -26,10 +26,8 @@ import torch
 from rewards import compose, compose_funcs, reward_inputs
 from rl.config import DiffuGRPOConfig
 from rl.data import check_columns, encode_prompt, left_pad, prompt_text
-from rl.engine import gathered_for_generation
 from rl.estimators import MaskSample, clamp_log_ratio, get_estimator
 from rl.trainer import Trainer
-from rollout import generate
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,12 +65,13 @@ class DiffuGRPOTrainer(Trainer):
 
     Rewards, one of: ``reward_funcs`` (TRL: a callable or registered name, or a list of them,
     weighted by ``config.reward_weights``), ``reward_fn`` (a composed reward, ``rewards.compose``),
-    or neither: ``config.rewards`` ({name: weight})."""
+    or neither: ``config.rewards`` ({name: weight}). ``rollouts``: the rollout engine to sample with
+    (shared with the caller's evaluation), by default one built from ``config.rollout``."""
 
     config: DiffuGRPOConfig
 
     def __init__(self, config: DiffuGRPOConfig, policy, train_dataset, *, tokenizer=None, eval_fn=None,
-                 reward_fn=None, reward_funcs=None):
+                 reward_fn=None, reward_funcs=None, rollouts=None):
         check_columns(train_dataset, ("prompt",), "GRPO train data")
         if reward_fn is not None and reward_funcs is not None:
             raise ValueError("pass reward_funcs (TRL style) or reward_fn (a composed reward), not both")
@@ -80,7 +79,7 @@ class DiffuGRPOTrainer(Trainer):
             raise ValueError("config.reward_weights weighs the trainer's reward_funcs; with config.rewards put the "
                              "weights in that dict")
         self.needs_reference = config.beta > 0  # no reference model at all when beta = 0
-        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn, rollouts=rollouts)
         if reward_funcs is not None:
             reward_fn = compose_funcs(reward_funcs, config.reward_weights, timeout_s=config.reward_timeout_s)
         self.reward_fn = reward_fn or compose(dict(config.rewards), timeout_s=config.reward_timeout_s)
@@ -100,22 +99,13 @@ class DiffuGRPOTrainer(Trainer):
 
     # ---- phases ----------------------------------------------------------------------------------
     def rollout(self, rows: list[dict]):
-        cfg, ro = self.config, self.config.rollout
+        """G completions of each row's prompt from the rollout engine (rows repeated G times)."""
+        cfg = self.config
         prompts = [encode_prompt(self.tokenizer, r["prompt"]) for r in rows]
         prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         g = cfg.num_generations
-        prompt_ids = prompt_ids.repeat_interleave(g, 0).to(self.device)
-        prompt_mask = prompt_mask.repeat_interleave(g, 0).to(self.device)
-        with gathered_for_generation(self.engine) as module:
-            module.eval()
-            out = generate(module, prompt_ids, attention_mask=prompt_mask, mask_id=self.mask_id,
-                           eos_id=self.eos_id, steps=ro.steps, gen_length=ro.gen_length,
-                           block_length=ro.block_length, temperature=ro.temperature, cfg_scale=ro.cfg_scale,
-                           remasking=ro.remasking, threshold=ro.threshold, early_commit=ro.early_commit,
-                           fill_after_eos=ro.fill_after_eos, kv_cache=ro.kv_cache,
-                           generator=self.generators["rollout"])
-            module.train()
-        return out
+        return self.rollouts.generate(prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0),
+                                      options=cfg.rollout, generator=self.generators["rollout"])
 
     def score(self, rows: list[dict], completions: list[str], completion_ids: list[list[int]] | None = None):
         """Rewards of the G completions of each row, called with TRL's keywords (rewards.reward_inputs)."""

@@ -15,42 +15,31 @@ import torch
 
 from rl.config import RolloutOptions
 from rl.data import check_columns, encode_prompt, left_pad
-from rollout import generate
+from rollout.engine import RolloutEngine, engine_for
 
 RewardFn = Callable[..., object]  # fn(prompts, completions, **columns) -> list[float|None] or .total
 
 
 @torch.no_grad()
-def sample_completions(policy: torch.nn.Module, rows: Sequence[dict], *, num_generations: int,
+def sample_completions(policy: torch.nn.Module | RolloutEngine, rows: Sequence[dict], *, num_generations: int,
                        rollout: RolloutOptions, generator: torch.Generator | None, batch_size: int = 16,
                        tokenizer=None) -> list[list[str]]:
     """``num_generations`` completions per row (``rows[i]["prompt"]``), as text, in row order.
 
-    ``policy`` is a ``rollout.PolicyAdapter`` (with ``tokenizer``, ``mask_token_id``,
-    ``eos_token_id``); it is put in eval mode for sampling and its mode restored afterwards."""
+    ``policy``: a rollout engine, or a ``rollout.PolicyAdapter`` (with ``tokenizer``,
+    ``mask_token_id``, ``eos_token_id``; an engine of ``rollout.backend`` is built around it)."""
     check_columns(rows, ("prompt",), "pair builder prompts")
-    tok = tokenizer if tokenizer is not None else policy.tokenizer
-    device = next(policy.parameters()).device
-    was_training = policy.training
-    policy.eval()
     out: list[list[str]] = []
-    try:
+    with engine_for(policy, rollout) as engine:
+        tok = tokenizer if tokenizer is not None else engine.adapter.tokenizer
         per_batch = max(1, batch_size // num_generations)
         for start in range(0, len(rows), per_batch):
             chunk = rows[start:start + per_batch]
             ids, mask = left_pad([encode_prompt(tok, r["prompt"]) for r in chunk], tok.pad_token_id)
-            ids = ids.repeat_interleave(num_generations, 0).to(device)
-            mask = mask.repeat_interleave(num_generations, 0).to(device)
-            ro = generate(policy, ids, attention_mask=mask, mask_id=policy.mask_token_id,
-                          eos_id=policy.eos_token_id, steps=rollout.steps, gen_length=rollout.gen_length,
-                          block_length=rollout.block_length, temperature=rollout.temperature,
-                          cfg_scale=rollout.cfg_scale, remasking=rollout.remasking, threshold=rollout.threshold,
-                          early_commit=rollout.early_commit, fill_after_eos=rollout.fill_after_eos,
-                          kv_cache=rollout.kv_cache, generator=generator)
+            ro = engine.generate(ids.repeat_interleave(num_generations, 0), mask.repeat_interleave(num_generations, 0),
+                                 options=rollout, generator=generator)
             texts = ro.decode(tok)
             out.extend(texts[i * num_generations:(i + 1) * num_generations] for i in range(len(chunk)))
-    finally:
-        policy.train(was_training)
     return out
 
 

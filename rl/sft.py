@@ -45,9 +45,9 @@ class SFTTrainer(Trainer):
     config: SFTConfig
 
     def __init__(self, config: SFTConfig, policy, train_dataset, *, eval_dataset=None, tokenizer=None,
-                 eval_fn=None):
+                 eval_fn=None, rollouts=None):
         check_columns(train_dataset, ("prompt", "response"), "SFT train data")
-        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn)
+        super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn, rollouts=rollouts)
         self.eval_dataset = list(eval_dataset or [])
         if self.eval_dataset:
             check_columns(self.eval_dataset, ("prompt", "response"), "SFT eval data")

@@ -24,6 +24,7 @@ from rl.config import TrainerConfig
 from rl.data import ShuffledIterator
 from rl.engine import build_engine, build_reference, gathered_for_generation, init_distributed, unwrap
 from rl.tracking import Tracker
+from rollout.engine import RolloutEngine, build_rollout_engine
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -84,7 +85,7 @@ class Trainer:
     needs_reference: bool = False
 
     def __init__(self, config: TrainerConfig, policy: torch.nn.Module, train_dataset: Sequence[dict], *,
-                 tokenizer=None, eval_fn: EvalFn | None = None):
+                 tokenizer=None, eval_fn: EvalFn | None = None, rollouts: RolloutEngine | None = None):
         self.config = config
         self.policy = policy
         self.tokenizer = tokenizer if tokenizer is not None else getattr(policy, "tokenizer", None)
@@ -116,6 +117,13 @@ class Trainer:
             scheduler=config.lr_scheduler, micro_batch_size=micro, grad_accum=self.grad_accum,
             grad_clip=config.max_grad_norm, bf16=config.bf16,
         )
+        # The rollout engine (rollout/engine.py): given (a recipe shares one with its evaluation) or
+        # built from config.rollout; it serves this trainer's weights from now on.
+        options = getattr(config, "rollout", None)
+        self.rollouts = rollouts if rollouts is not None or options is None else build_rollout_engine(options)
+        self._owns_rollouts = rollouts is None and self.rollouts is not None
+        if self.rollouts is not None:
+            self.rollouts.attach(self.engine, adapter=self.rollout_adapter)
         self.data = ShuffledIterator(len(self.train_dataset), config.per_device_batch_size, seed=config.seed,
                                      rank=self.rank, world_size=self.world_size)
         self.step = 0
@@ -125,6 +133,10 @@ class Trainer:
     def adapter(self) -> torch.nn.Module:
         """The policy adapter whose ``.model`` (the HF model) LoRA and gradient checkpointing apply to."""
         return self.policy
+
+    def rollout_adapter(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The policy adapter the rollout engine generates with, inside the (gathered) module."""
+        return module
 
     def generator_names(self) -> tuple[str, ...]:
         return ("mask",)
@@ -223,6 +235,8 @@ class Trainer:
         """Run until ``max_steps``; returns the last logged metrics."""
         cfg = self.config
         self.maybe_resume()
+        if self.rollouts is not None and cfg.resume:
+            self.rollouts.update_weights()  # the resumed weights
         self.tracker = Tracker(self.run_dir, project=cfg.wandb_project, config=_as_dict(cfg),
                                wandb_mode=cfg.wandb_mode, total_steps=cfg.max_steps,
                                is_main=self.rank == 0,
@@ -234,6 +248,10 @@ class Trainer:
             t0 = time.perf_counter()
             metrics = self.training_step(rows)
             metrics["timing/step"] = time.perf_counter() - t0
+            if self.rollouts is not None:  # the next rollout / evaluation sees this step's weights
+                synced = self.rollouts.update_weights()
+                if synced is not None:
+                    metrics["timing/weight_sync"] = synced
             metrics["lr"] = self.current_lr()
             self.step += 1
             if self.step % cfg.logging_steps == 0 or self.step == cfg.max_steps:
@@ -250,6 +268,8 @@ class Trainer:
         self.save()
         if cfg.export_hf:
             self.export_final()
+        if self._owns_rollouts:
+            self.rollouts.close()
         self.tracker.close()
         return last
 

@@ -330,13 +330,12 @@ def rebuild_states(sequences: torch.Tensor, unmask_step: torch.Tensor, states: S
 
 
 def generate_with_order(dllm, hook, prompt_ids, prompt_mask, ro: RolloutOptions, *, generator=None):
-    """``rollout.generate`` with the order hook under LLaDA's schedule (mask / EOS ids from ``dllm``)."""
-    from rollout import generate
+    """The rollout engine's ``generate`` with the order hook under LLaDA's schedule; ``dllm`` is a
+    rollout engine (torch backend) or a policy adapter (mask / EOS ids from it)."""
+    from rollout.engine import engine_for
 
-    return generate(dllm, prompt_ids, attention_mask=prompt_mask, mask_id=dllm.mask_token_id,
-                    eos_id=dllm.eos_token_id, steps=ro.steps, gen_length=ro.gen_length,
-                    block_length=ro.block_length, temperature=ro.temperature, remasking=ro.remasking,
-                    generator=generator, order_policy=hook)
+    with engine_for(dllm, ro) as engine:
+        return engine.generate(prompt_ids, prompt_mask, options=ro, generator=generator, order_policy=hook)
 
 
 class UnmaskOrderTrainer(Trainer):
@@ -367,6 +366,9 @@ class UnmaskOrderTrainer(Trainer):
 
     def adapter(self) -> nn.Module:
         return self.policy.dllm
+
+    def rollout_adapter(self, module: nn.Module) -> nn.Module:
+        return module.dllm
 
     def generator_names(self) -> tuple[str, ...]:
         return ("rollout", "order")
@@ -400,10 +402,10 @@ class UnmaskOrderTrainer(Trainer):
         prompt_ids = prompt_ids.repeat_interleave(cfg.num_generations, 0).to(self.device)
         prompt_mask = prompt_mask.repeat_interleave(cfg.num_generations, 0).to(self.device)
         cache = cfg.cache_features and not cfg.train_dllm
-        with gathered_for_generation(self.engine) as module:
+        with gathered_for_generation(self.engine) as module:  # the head's weights too
             hook = PlackettLuceOrder(module.head, gen_length=cfg.rollout.gen_length,
                                      generator=self.generators["order"], cache=cache)
-            ro = generate_with_order(module.dllm, hook, prompt_ids, prompt_mask, cfg.rollout,
+            ro = generate_with_order(self.rollouts, hook, prompt_ids, prompt_mask, cfg.rollout,
                                      generator=self.generators["rollout"])
         return ro, hook
 

@@ -8,6 +8,13 @@ is the engine. Importing this package does not import vLLM.
 
 from __future__ import annotations
 
+import os
+
+# In process, quiet: vLLM's info lines and its warnings about options we set on purpose (no
+# tokenizer, torch's threads) would drown the trainer's output. Set before vLLM is imported.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+
 # our architecture name -> "module:class" (vLLM imports it lazily)
 MODEL_CLASSES = {
     "DllmRlBert": "rollout.vllm_backend.models:BertDLLM",

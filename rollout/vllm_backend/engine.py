@@ -64,8 +64,6 @@ def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto"
     """A vLLM ``LLM`` serving the checkpoint folder ``path`` as our pooling dLLM, in this process.
     ``settings``: ``RolloutOptions.vllm``; ``load_format="dummy"`` leaves the weights to
     :meth:`VLLMEngine.update_weights`."""
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     from vllm import LLM
     from vllm.platforms import current_platform
 
@@ -187,13 +185,31 @@ class VLLMEngine(RolloutEngine):
         return time.perf_counter() - t0
 
     def close(self) -> None:
-        """Shut vLLM down (its model-parallel groups too; the caller's process group stays)."""
+        """Shut vLLM's engine down and release its process groups (not the caller's)."""
         if self.llm is not None:
-            from vllm.distributed.parallel_state import destroy_model_parallel
-
-            self.llm.llm_engine.engine_core.shutdown()
+            _shutdown(self.llm)
             self.llm = None
-            destroy_model_parallel()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def _shutdown(llm) -> None:
+    """``LLM`` shutdown in process. vLLM's own teardown ends with ``destroy_process_group()``, which
+    would also destroy the trainer's default group and every DeepSpeed group: release vLLM's
+    groups only."""
+    import vllm.v1.engine.core as core
+    from vllm.distributed import parallel_state as ps
+
+    def release_vllm_groups(*args, **kwargs) -> None:
+        ps.destroy_model_parallel()
+        if ps._WORLD is not None:
+            ps._WORLD.destroy()
+            ps._WORLD = None
+
+    teardown = core.cleanup_dist_env_and_memory
+    core.cleanup_dist_env_and_memory = release_vllm_groups
+    try:
+        llm.llm_engine.engine_core.shutdown()
+    finally:
+        core.cleanup_dist_env_and_memory = teardown
