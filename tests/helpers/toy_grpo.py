@@ -21,7 +21,7 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
                  deepspeed: str = "zero0", seed: int = 0, lr: float = 3e-3, beta: float = 0.0,
                  num_iterations: int = 2, estimator: str = "mean_field", lora: bool = False,
                  micro_batch_size: int = 8, rows: list[dict] | None = None, reward_funcs=None,
-                 reward_weights: list[float] | None = None):
+                 reward_weights: list[float] | None = None, backend: str = "torch", rollouts=None):
     from rl.config import DiffuGRPOConfig, LoraOptions, RolloutOptions
     from rl.grpo import DiffuGRPOTrainer
     from rollout import build_tiny_policy
@@ -34,11 +34,11 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
         num_iterations=num_iterations, beta=beta, epsilon=0.5, estimator=estimator,
         estimator_options={"p_mask_prompt": 0.15} if estimator == "mean_field" else {},
         deepspeed=deepspeed, save_steps=save_steps, resume=resume,
-        rollout=RolloutOptions(gen_length=8, block_length=8, steps=8, temperature=1.0),
+        rollout=RolloutOptions(gen_length=8, block_length=8, steps=8, temperature=1.0, backend=backend),
         lora=LoraOptions(enabled=lora, r=8, alpha=16, dropout=0.0), sample_table_every=0, export_hf=True,
         micro_batch_size=micro_batch_size, max_grad_norm=1.0, reward_weights=reward_weights,
     )
-    return DiffuGRPOTrainer(cfg, policy, rows, reward_funcs=reward_funcs or [target_char_reward])
+    return DiffuGRPOTrainer(cfg, policy, rows, reward_funcs=reward_funcs or [target_char_reward], rollouts=rollouts)
 
 
 def main(argv=None) -> int:
