@@ -16,6 +16,7 @@ and its proposals follow the same distribution as the torch backend's (not the s
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import tempfile
@@ -88,6 +89,48 @@ def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto"
         torch.set_num_threads = set_num_threads
 
 
+def tensor_parallel_group(size: int):
+    """This rank's group of ``size`` consecutive ranks (one vLLM engine, ``external_launcher``), or
+    None when the engine is this rank's alone. Every rank must call it (it creates groups)."""
+    if size == 1 or not torch.distributed.is_initialized():
+        return None
+    world = torch.distributed.get_world_size()
+    if world % size:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={size} must divide the number of ranks ({world})")
+    group, _ = torch.distributed.new_subgroups_by_enumeration([list(range(r, r + size)) for r in range(0, world, size)])
+    return group
+
+
+def gather_rows(ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None, group, pad_id: int):
+    """Every rank's prompts of the tensor-parallel ``group`` as one left-padded batch (rank order),
+    a generator seeded alike on all of them (the group leader's draw), and where this rank's rows
+    are: ``(first row, rows, prompt width)`` (TRL's colocated tensor parallelism does the same)."""
+    import torch.distributed as dist
+
+    mask = torch.ones_like(ids) if mask is None else mask
+    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (ids.cpu(), mask.cpu(), int(seed)), group=group)
+    width = max(p[0].shape[1] for p in parts)
+    pad = [(width - p[0].shape[1], 0) for p in parts]
+    all_ids = torch.cat([torch.nn.functional.pad(p[0], w, value=pad_id) for p, w in zip(parts, pad)]).to(ids.device)
+    all_mask = torch.cat([torch.nn.functional.pad(p[1], w, value=0) for p, w in zip(parts, pad)]).to(ids.device)
+    me = dist.get_rank(group)
+    shared = torch.Generator(device=ids.device).manual_seed(parts[0][2])
+    return all_ids, all_mask, shared, (sum(p[0].shape[0] for p in parts[:me]), ids.shape[0], ids.shape[1])
+
+
+def take_rows(out: Rollout, first: int, rows: int, prompt_width: int) -> Rollout:
+    """This rank's rows of a group batch, its prompts cut back to their own width."""
+    sel = slice(first, first + rows)
+    cut = out.prompt_ids.shape[1] - prompt_width
+    return dataclasses.replace(
+        out, sequences=out.sequences[sel, cut:], prompt_ids=out.prompt_ids[sel, cut:],
+        prompt_mask=out.prompt_mask[sel, cut:], completion_ids=out.completion_ids[sel],
+        completion_mask=out.completion_mask[sel], unmask_step=out.unmask_step[sel],
+        step_scores=None if out.step_scores is None else out.step_scores[sel])
+
+
 class VLLMDenoiser:
     """:class:`rollout.sampler.Denoiser` on a vLLM engine: one ``encode`` call per step."""
 
@@ -130,6 +173,7 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         self._dir: str | None = None
         self._checkpoint = checkpoint
+        self._tp_group = None
         super().__init__(options, model, adapter=adapter)
 
     def attach(self, model: nn.Module, *, adapter=None) -> None:
@@ -140,6 +184,7 @@ class VLLMEngine(RolloutEngine):
         hf = _hf_model(self.adapter.model)
         check_model(hf.config)
         settings = self.options.vllm
+        self._tp_group = tensor_parallel_group(settings.tensor_parallel_size)
         dtype = settings.dtype if settings.dtype != "auto" else _dtype_name(next(hf.parameters()).dtype)
         if self._checkpoint is not None:
             self.llm = start_llm(self._checkpoint, settings, dtype=dtype)
@@ -165,6 +210,9 @@ class VLLMEngine(RolloutEngine):
         if options.fill_after_eos and eos_id is None:
             raise ValueError("fill_after_eos=True needs eos_id (the model/adapter does not define one)")
         stats = needed_stats(options.remasking, options.threshold, options.early_commit)
+        local = None
+        if self._tp_group is not None:  # the group's engines must see one batch: run all its rows
+            ids, mask, generator, local = gather_rows(ids, mask, generator, self._tp_group, adapter.pad_token_id)
         denoiser = VLLMDenoiser(self.llm, attention_mask=mask, batch=ids.shape[0], mask_id=adapter.mask_token_id,
                                 shift=int(bool(adapter.logits_shifted)), temperature=options.temperature,
                                 generator=generator, stats=stats)
@@ -174,7 +222,7 @@ class VLLMEngine(RolloutEngine):
                       early_commit=options.early_commit, fill_after_eos=options.fill_after_eos,
                       record_scores=record_scores)
         out.extras["backend"] = "vllm"
-        return out
+        return out if local is None else take_rows(out, *local)
 
     def update_weights(self) -> float:
         """Stream the attached model's weights into vLLM, one tensor at a time; seconds taken."""

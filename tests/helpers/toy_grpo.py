@@ -49,15 +49,26 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--deepspeed", default="zero0")
     ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--backend", default="torch", help="rollout backend (vllm: also compares it with torch at the end)")
     ap.add_argument("--out", default=None, help="write final metrics + a weight checksum to OUT.rank<r>.json")
     args = ap.parse_args(argv)
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
+    from rl.config import RolloutOptions
+    from rollout.engine import RolloutEngine, build_rollout_engine
+
+    rollouts = build_rollout_engine(RolloutOptions(gen_length=8, block_length=8, steps=8, backend=args.backend))
     trainer = make_trainer(args.run_dir, max_steps=args.max_steps, save_steps=args.save_steps,
-                           resume=args.resume, deepspeed=args.deepspeed, beta=args.beta)
+                           resume=args.resume, deepspeed=args.deepspeed, beta=args.beta, backend=args.backend,
+                           rollouts=rollouts)
     last = trainer.train()
+    # greedy rollouts of the trained weights: this backend vs the torch sampler on the (gathered) policy
+    prompts = [f"{i:03d}" for i in range(4)]
+    same = bool(torch.equal(rollouts.generate(prompts).sequences,
+                            RolloutEngine(rollouts.options, trainer.engine).generate(prompts).sequences))
+    rollouts.close()
     from rl.engine import consolidated_state_dict
 
     sd = consolidated_state_dict(trainer.engine, rank0_only=False)  # every rank: full weights
@@ -65,7 +76,7 @@ def main(argv=None) -> int:
         checksum = float(sum(v.double().abs().sum() for v in sd.values()))
         with open(f"{args.out}.rank{dist.get_rank()}.json", "w") as f:
             json.dump({"metrics": last, "checksum": checksum, "world_size": dist.get_world_size(),
-                       "step": trainer.step}, f)
+                       "step": trainer.step, "backend_equals_torch": same}, f)
     return 0
 
 
