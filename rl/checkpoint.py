@@ -232,20 +232,16 @@ def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
     ``sd`` without touching the live model. Keys lose the ``base_model.model.`` prefix."""
     from peft.tuners.lora import LoraLayer
 
+    from rollout.weights import merged_lora_weight
+
     sd = dict(sd)
     adapter = peft_model.active_adapter
     for name, layer in peft_model.named_modules():
         if not isinstance(layer, LoraLayer) or adapter not in layer.lora_A:
             continue
-        if getattr(layer, "use_dora", {}).get(adapter, False) or not isinstance(layer.lora_A[adapter], nn.Linear):
-            raise NotImplementedError(f"export_hf: LoRA layer {name} (DoRA or non-Linear) cannot be merged here")
-        a = sd.pop(f"{name}.lora_A.{adapter}.weight").float()
-        b = sd.pop(f"{name}.lora_B.{adapter}.weight").float()
-        delta = (b @ a) * layer.scaling[adapter]
-        if getattr(layer, "fan_in_fan_out", False):
-            delta = delta.T
+        a, b = sd.pop(f"{name}.lora_A.{adapter}.weight"), sd.pop(f"{name}.lora_B.{adapter}.weight")
         w = sd[f"{name}.base_layer.weight"]
-        sd[f"{name}.base_layer.weight"] = (w.float() + delta).to(w.dtype)
+        sd[f"{name}.base_layer.weight"] = merged_lora_weight(layer, adapter, w, a, b)
     out = {}
     for k, v in sd.items():
         if ".lora_" in k:  # other (inactive) adapters
