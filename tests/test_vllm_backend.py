@@ -208,27 +208,45 @@ def test_default_recipe_runs_on_vllm(tmp_path):
     assert any("timing/weight_sync" in r for r in rows if r.get("stage") == "rl")
 
 
+class _TwoRankGroup:
+    """Rank ``me`` of a 2-rank vLLM group coordinator whose other rank contributes ``other``'s
+    tensors, in call order (all_gather along dim 0, as vLLM's GroupCoordinator)."""
+
+    world_size, device = 2, torch.device("cpu")
+
+    def __init__(self, me: int, other: list[torch.Tensor]):
+        self.rank_in_group, self.other = me, list(other)
+
+    def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        theirs = self.other.pop(0)
+        return torch.cat([t, theirs] if self.rank_in_group == 0 else [theirs, t], dim)
+
+
 def test_tensor_parallel_group_batch_is_split_back_per_rank():
     """Tensor parallelism across training ranks: the group's engines run every rank's prompts as
-    one batch (wider prompts pad the others); each rank's rows, cut back to its own prompt width,
-    equal what it would have generated alone."""
-    from rl.engine import init_distributed
+    one batch (wider prompts pad the others), seeded alike; each rank's rows, cut back to its own
+    prompt width, equal what it would have generated alone."""
     from rollout.vllm_backend.engine import gather_rows, take_rows
 
-    init_distributed()
     policy = build_tiny_policy(seed=0, arch="bert")
     engine = RolloutEngine(TORCH, policy)
     (ids_a, mask_a), (ids_b, mask_b) = engine.encode(PROMPTS[:2]), engine.encode(PROMPTS[2:])
-    width = ids_b.shape[1]
-    pad = lambda t, v: torch.nn.functional.pad(t, (width - t.shape[1], 0), value=v)  # noqa: E731
-    both = engine.generate(torch.cat([pad(ids_a, policy.pad_token_id), ids_b]), torch.cat([pad(mask_a, 0), mask_b]))
-    for first, (ids, mask) in ((0, (ids_a, mask_a)), (2, (ids_b, mask_b))):
-        mine = take_rows(both, first, ids.shape[0], ids.shape[1])
-        _same(engine.generate(ids, mask), mine)
-        assert torch.equal(mine.prompt_ids, ids) and torch.equal(mine.prompt_mask, mask)
-    group_ids, group_mask, shared, local = gather_rows(ids_a, mask_a, torch.Generator().manual_seed(0),
-                                                      torch.distributed.group.WORLD, policy.pad_token_id)
-    assert torch.equal(group_ids, ids_a) and torch.equal(group_mask, mask_a) and local == (0, 2, ids_a.shape[1])
+    seed_b = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(9))
+    width = ids_b.shape[1]  # what rank 1 sends: its sizes and seed, then ids and mask padded to 2 rows
+    rank1 = [torch.tensor([1, width, int(seed_b)]), torch.nn.functional.pad(ids_b, (0, 0, 0, 1)),
+             torch.nn.functional.pad(mask_b, (0, 0, 0, 1))]
+    ids, mask, shared, local = gather_rows(ids_a, mask_a, torch.Generator().manual_seed(0),
+                                           _TwoRankGroup(0, rank1), policy.pad_token_id)
+    assert ids.shape == (3, width) and local == (0, 2, ids_a.shape[1])
+    assert torch.equal(ids[2], ids_b[0]) and torch.equal(mask[:2, -ids_a.shape[1]:], mask_a)
+    both = engine.generate(ids, mask)
+    for first, (ids_r, mask_r) in ((0, (ids_a, mask_a)), (2, (ids_b, mask_b))):
+        mine = take_rows(both, first, ids_r.shape[0], ids_r.shape[1])
+        _same(engine.generate(ids_r, mask_r), mine)
+        assert torch.equal(mine.prompt_ids, ids_r) and torch.equal(mine.prompt_mask, mask_r)
+    first_seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0))
+    expected = torch.Generator().manual_seed(int(first_seed))
+    assert torch.equal(torch.rand(3, generator=shared), torch.rand(3, generator=expected))
 
 
 @pytest.mark.distributed

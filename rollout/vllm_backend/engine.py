@@ -89,35 +89,35 @@ def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto"
         torch.set_num_threads = set_num_threads
 
 
-def tensor_parallel_group(size: int):
-    """This rank's group of ``size`` consecutive ranks (one vLLM engine, ``external_launcher``), or
-    None when the engine is this rank's alone. Every rank must call it (it creates groups)."""
-    if size == 1 or not torch.distributed.is_initialized():
-        return None
-    world = torch.distributed.get_world_size()
-    if world % size:
-        raise ValueError(f"rollout.vllm.tensor_parallel_size={size} must divide the number of ranks ({world})")
-    group, _ = torch.distributed.new_subgroups_by_enumeration([list(range(r, r + size)) for r in range(0, world, size)])
-    return group
+def tensor_parallel_group():
+    """vLLM's tensor-parallel group coordinator when its engine spans several ranks, else None."""
+    from vllm.distributed import get_tp_group
+
+    group = get_tp_group()
+    return group if group.world_size > 1 else None
 
 
 def gather_rows(ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator | None, group, pad_id: int):
-    """Every rank's prompts of the tensor-parallel ``group`` as one left-padded batch (rank order),
-    a generator seeded alike on all of them (the group leader's draw), and where this rank's rows
-    are: ``(first row, rows, prompt width)`` (TRL's colocated tensor parallelism does the same)."""
-    import torch.distributed as dist
-
+    """Every rank's prompts of the tensor-parallel ``group`` (vLLM's coordinator) as one left-padded
+    batch in rank order, a generator seeded alike on all of them (the first rank's draw), and where
+    this rank's rows are: ``(first row, rows, prompt width)``. TRL's colocated tensor parallelism
+    does the same; the collectives are vLLM's, on the group's device."""
     mask = torch.ones_like(ids) if mask is None else mask
     seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
-    parts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, (ids.cpu(), mask.cpu(), int(seed)), group=group)
-    width = max(p[0].shape[1] for p in parts)
-    pad = [(width - p[0].shape[1], 0) for p in parts]
-    all_ids = torch.cat([torch.nn.functional.pad(p[0], w, value=pad_id) for p, w in zip(parts, pad)]).to(ids.device)
-    all_mask = torch.cat([torch.nn.functional.pad(p[1], w, value=0) for p, w in zip(parts, pad)]).to(ids.device)
-    me = dist.get_rank(group)
-    shared = torch.Generator(device=ids.device).manual_seed(parts[0][2])
-    return all_ids, all_mask, shared, (sum(p[0].shape[0] for p in parts[:me]), ids.shape[0], ids.shape[1])
+    mine = torch.tensor([ids.shape[0], ids.shape[1], int(seed)], device=group.device)
+    sizes = group.all_gather(mine, dim=0).view(-1, 3).tolist()
+    rows, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
+
+    def padded(t: torch.Tensor, value: int) -> torch.Tensor:  # [rows, width]: left-pad, then extra rows
+        t = torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
+        return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]), value=value).to(group.device)
+
+    keep = torch.cat([torch.arange(r * rows, r * rows + s[0]) for r, s in enumerate(sizes)])
+    all_ids = group.all_gather(padded(ids, pad_id), dim=0)[keep.to(group.device)].to(ids.device)
+    all_mask = group.all_gather(padded(mask, 0), dim=0)[keep.to(group.device)].to(ids.device)
+    shared = torch.Generator(device=ids.device).manual_seed(sizes[0][2])
+    first = sum(s[0] for s in sizes[:group.rank_in_group])
+    return all_ids, all_mask, shared, (first, ids.shape[0], ids.shape[1])
 
 
 def take_rows(out: Rollout, first: int, rows: int, prompt_width: int) -> Rollout:
@@ -184,15 +184,16 @@ class VLLMEngine(RolloutEngine):
         hf = _hf_model(self.adapter.model)
         check_model(hf.config)
         settings = self.options.vllm
-        self._tp_group = tensor_parallel_group(settings.tensor_parallel_size)
         dtype = settings.dtype if settings.dtype != "auto" else _dtype_name(next(hf.parameters()).dtype)
         if self._checkpoint is not None:
             self.llm = start_llm(self._checkpoint, settings, dtype=dtype)
-            return
-        self._dir = tempfile.mkdtemp(prefix="dllm-rl-vllm-")
-        hf.config.save_pretrained(self._dir)
-        self.llm = start_llm(self._dir, settings, dtype=dtype, load_format="dummy")
-        self.update_weights()
+        else:
+            self._dir = tempfile.mkdtemp(prefix="dllm-rl-vllm-")
+            hf.config.save_pretrained(self._dir)
+            self.llm = start_llm(self._dir, settings, dtype=dtype, load_format="dummy")
+        self._tp_group = tensor_parallel_group()
+        if self._checkpoint is None:
+            self.update_weights()
 
     def _generate(self, ids: torch.Tensor, mask: torch.Tensor | None, options: Any, *,
                   generator: torch.Generator | None, order_policy, record_scores: bool) -> Rollout:
