@@ -163,10 +163,10 @@ def run_dpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None)
     rc = cfg.recipe
     prompts = task.rows("rl")[:rc.pair_prompts] if rc.pair_prompts > 0 else task.rows("rl")
     with build_rollout_engine(cfg.rollout, policy) as rollouts:  # the pairs, then validation
+        generator = seeded_generator(cfg.seed, "pairs", 0, next(policy.parameters()).device)
         pairs = build_preference_pairs(rollouts, prompts, task.reward_fn(), num_generations=rc.pair_samples,
                                        rollout=dataclasses.replace(cfg.rollout, temperature=rc.pair_temperature),
-                                       generator=seeded_generator(cfg.seed, "pairs", 0, next(policy.parameters()).device),
-                                       batch_size=rc.eval_batch_size)
+                                       generator=generator, batch_size=rc.eval_batch_size)
         if not pairs:
             raise ValueError(f"dpo: no preference pairs from {len(prompts)} prompts (every group tied); raise "
                              f"recipe.pair_samples or recipe.pair_temperature")
@@ -283,8 +283,8 @@ def run_eval(cfg: RunConfig) -> list[dict]:
                                           cfg.eval.steps_per_token, dict(cfg.eval.modes)):
                 m = evaluate_rows(rollouts, task, rows, ro, batch_size=cfg.recipe.eval_batch_size, seed=cfg.seed,
                                   prefix="")
-                results.append({"task": name, "mode": mode, "gen_length": ro.gen_length, "block_length": ro.block_length,
-                                "steps": ro.steps, **m})
+                results.append({"task": name, "mode": mode, "gen_length": ro.gen_length,
+                                "block_length": ro.block_length, "steps": ro.steps, **m})
                 if _is_main():
                     print(f"[dllm-rl] {name} gen={ro.gen_length} mode={mode}: accuracy {100 * m['accuracy']:.1f}% "
                           f"({int(m['num_examples'])} examples, {m['seconds']:.1f}s)", flush=True)

@@ -174,7 +174,7 @@ class TorchDenoiser:
         return Proposal(x0=x0, stats=stats, logits=logits, hidden=hidden)
 
 
-def _check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, temperature, cfg_scale,
+def check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, temperature, cfg_scale,
                 remasking, threshold, early_commit, kv_cache):
     if prompt_ids.dim() != 2 or prompt_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"prompt_ids: expected a 2D integer tensor [B, P], got {tuple(prompt_ids.shape)} "
@@ -245,7 +245,7 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     Randomness comes only from ``generator``. Runs under ``no_grad`` in eval mode and restores
     the model's train/eval flags.
     """
-    _check_args(prompt_ids, attention_mask, steps=steps, gen_length=gen_length, block_length=block_length,
+    check_args(prompt_ids, attention_mask, steps=steps, gen_length=gen_length, block_length=block_length,
                 temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
                 early_commit=early_commit, kv_cache=kv_cache)
     if eos_id is None:
@@ -256,8 +256,8 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
         ok, why = kv_cache_support(model)
         if not ok:
             raise ValueError(f"kv_cache={kv_cache!r} is not supported for this model: {why}")
-    denoiser = TorchDenoiser(model, prompt_len=prompt_ids.shape[1], full_mask=full_attention_mask(attention_mask, gen_length),
-                             mask_id=mask_id, cfg_scale=cfg_scale, kv_cache=kv_cache,
+    denoiser = TorchDenoiser(model, prompt_len=prompt_ids.shape[1],
+                             full_mask=full_attention_mask(attention_mask, gen_length), mask_id=mask_id, cfg_scale=cfg_scale, kv_cache=kv_cache,
                              want_hidden=order_policy is not None, dtype=_param_dtype(model), temperature=temperature,
                              generator=generator, stats=needed_stats(remasking, threshold, early_commit))
     with torch.no_grad(), _eval_mode(model):

@@ -10,8 +10,8 @@ holds more than one full tensor beyond the shards. LoRA (peft) updates are merge
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
-from typing import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -64,14 +64,17 @@ def gathered_for_generation(engine) -> Iterator[nn.Module]:
             offload._register_deepspeed_module(offload.module)
 
 
-def _gathered(params: list[nn.Parameter]):
-    """Full copies of ZeRO-3 partitioned ``params`` for the duration (a no-op for plain ones)."""
+def _full(params: list[nn.Parameter], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``compute()`` on the full ``params``: ZeRO-3 shards are gathered for the call and the result
+    copied out (the gathered buffers are freed on exit); plain parameters are read in place."""
     partitioned = [p for p in params if hasattr(p, "ds_id")]
     if not partitioned:
-        return nullcontext()
+        with torch.no_grad():
+            return compute()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
+    with torch.no_grad(), deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None):
+        return compute().clone()
 
 
 def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -96,8 +99,8 @@ def merged_lora_weight(layer: nn.Module, adapter: str, weight: torch.Tensor, a: 
 def hf_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """``(name, full tensor)`` for every parameter of ``model`` (an HF model, or a peft model
     around one), in the base HF model's state-dict names, LoRA merged, one ZeRO-3 gather at a
-    time. Each tensor is valid until the next one is requested (consume it, or copy it).
-    Tied parameters appear once."""
+    time (each yielded tensor is then a copy that the caller owns; otherwise the parameter
+    itself, detached). Tied parameters appear once."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     lora = _lora_layers(base)
     adapter = getattr(model, "active_adapter", None)
@@ -110,18 +113,15 @@ def hf_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             inner = module.base_layer
             if adapter in module.lora_A:
                 a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
-                with torch.no_grad(), _gathered([inner.weight, a, b]):
-                    yield f"{prefix}weight", merged_lora_weight(module, adapter, inner.weight, a, b)
+                yield f"{prefix}weight", _full([inner.weight, a, b],
+                                               lambda: merged_lora_weight(module, adapter, inner.weight, a, b))
             else:
-                with torch.no_grad(), _gathered([inner.weight]):
-                    yield f"{prefix}weight", inner.weight.detach()
+                yield f"{prefix}weight", _full([inner.weight], inner.weight.detach)
             if getattr(inner, "bias", None) is not None:
-                with torch.no_grad(), _gathered([inner.bias]):
-                    yield f"{prefix}bias", inner.bias.detach()
+                yield f"{prefix}bias", _full([inner.bias], inner.bias.detach)
             continue
         for name, p in module.named_parameters(recurse=False):
             if id(p) in seen:
                 continue
             seen.add(id(p))
-            with torch.no_grad(), _gathered([p]):
-                yield f"{prefix}{name}", p.detach()
+            yield f"{prefix}{name}", _full([p], p.detach)

@@ -121,7 +121,8 @@ def test_proposal_distribution_matches_softmax_at_temperature(engines):
 def test_sampling_is_reproducible_from_the_generator(engines):
     _, _, vllm_engine = engines
     options = dataclasses.replace(VLLM, temperature=1.0)
-    a, b = (vllm_engine.generate(PROMPTS, options=options, generator=torch.Generator().manual_seed(1)) for _ in range(2))
+    a, b = (vllm_engine.generate(PROMPTS, options=options, generator=torch.Generator().manual_seed(1))
+            for _ in range(2))
     _same(a, b)
 
 

@@ -28,7 +28,7 @@ from torch import nn
 
 from rollout.engine import RolloutEngine
 from rollout.remasking import needed_stats
-from rollout.sampler import Proposal, _check_args, denoise
+from rollout.sampler import Proposal, check_args, denoise
 from rollout.types import Rollout
 from rollout.weights import hf_weights
 
@@ -203,7 +203,7 @@ class VLLMEngine(RolloutEngine):
         if options.cfg_scale or options.kv_cache is not None:
             raise ValueError(f"rollout.backend=vllm: cfg_scale={options.cfg_scale}, kv_cache={options.kv_cache!r} "
                              "are torch-only options")
-        _check_args(ids, mask, steps=options.steps, gen_length=options.gen_length, block_length=options.block_length,
+        check_args(ids, mask, steps=options.steps, gen_length=options.gen_length, block_length=options.block_length,
                     temperature=options.temperature, cfg_scale=0.0, remasking=options.remasking,
                     threshold=options.threshold, early_commit=options.early_commit, kv_cache=None)
         adapter = self.adapter

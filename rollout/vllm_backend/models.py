@@ -192,7 +192,8 @@ class _DecoderDLLM(_PoolingDLLM):
         self.model = self.trunk_cls(vllm_config=vllm_config, prefix=maybe_prefix(prefix, "model"))
         if not config.tie_word_embeddings:
             self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size,
-                                          bias=getattr(config, "lm_head_bias", False), prefix=maybe_prefix(prefix, "lm_head"))
+                                          bias=getattr(config, "lm_head_bias", False),
+                                          prefix=maybe_prefix(prefix, "lm_head"))
         # a tied head is the embedding module itself (never a second module sharing its tensor: vLLM's
         # in-place reload restores modules one by one and would break the sharing)
         self.pooler = DenoisePooler(lambda h: _parallel_logits(self.head(), h, config.vocab_size))
@@ -206,7 +207,8 @@ class _DecoderDLLM(_PoolingDLLM):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         tied = self.config.tie_word_embeddings  # a tied head is the embedding: its copy is not loaded
         renamed = ((self.rename(n), w) for n, w in weights)
-        return AutoWeightsLoader(self).load_weights((n, w) for n, w in renamed if not (tied and n.startswith("lm_head.")))
+        kept = ((n, w) for n, w in renamed if not (tied and n.startswith("lm_head.")))
+        return AutoWeightsLoader(self).load_weights(kept)
 
 
 @attn_type("encoder_only")
