@@ -16,6 +16,8 @@ import os
 import pytest
 import torch
 
+import rollout.vllm_backend  # noqa: F401  (its environment defaults come before vLLM's import)
+
 try:
     import vllm  # noqa: F401
 except ImportError:
