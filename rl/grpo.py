@@ -46,7 +46,8 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0
     (d1 Eq. 3's KL term), with ref - logp clamped in log space (rl.estimators.MAX_LOG_RATIO)."""
     d = clamp_log_ratio(ref_logp - logp)
-    return torch.exp(d) - d - 1
+    # expm1 keeps the small-|d| terms accurate; rounding can still leave -1 ulp where k3 is ~0
+    return (torch.expm1(d) - d).clamp(min=0)
 
 
 def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
