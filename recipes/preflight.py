@@ -21,25 +21,18 @@ def model_limits(cfg: RunConfig, path: str | None = None):
         from rollout.tiny import TINY_MODEL_DEFAULTS, build_tiny_tokenizer
 
         return build_tiny_tokenizer(), {**TINY_MODEL_DEFAULTS, **dict(cfg.model.tiny)}["max_position_embeddings"]
-    from transformers import AutoConfig, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from rollout.models import native_class, read_config_dict
+    from rollout.models import UnsupportedModelError, load_model_config
 
-    try:
-        native = native_class(read_config_dict(path).get("model_type"))
-        if native is not None:  # LLaDA / Dream: our implementation; its config, not the remote code's
-            config = native.config_class.from_pretrained(str(path))
-        else:
-            config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.model.trust_remote_code)
+    try:  # LLaDA / Dream: our implementation's config (not the remote code's), checked here
+        config, _ = load_model_config(str(path), trust_remote_code=cfg.model.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(str(path), config=config,
                                                   trust_remote_code=cfg.model.trust_remote_code)
+    except UnsupportedModelError as e:
+        raise ConfigError(f"model.path={path}: {e}") from None
     except (OSError, ValueError):
         return None, None
-    if native is not None:
-        try:
-            config.layer_config()
-        except ValueError as e:  # what our implementation cannot reproduce, before any weights load
-            raise ConfigError(f"model.path={path}: {e}") from None
     return tokenizer, next((getattr(config, k) for k in POSITION_KEYS if getattr(config, k, None)), None)
 
 

@@ -193,16 +193,11 @@ class PolicyAdapter(nn.Module):
         model, ``trust_remote_code`` then only concerns the tokenizer). Anything else: transformers'
         ``AutoModelForMaskedLM``, falling back to ``AutoModel``. Known families fill the mask id
         and logit shift."""
-        from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+        from transformers import AutoModel, AutoModelForMaskedLM, AutoTokenizer
 
-        from rollout.models import native_class, read_config_dict
+        from rollout.models import load_model_config
 
-        native = native_class(read_config_dict(name_or_path).get("model_type"))
-        if native is not None:
-            config = native.config_class.from_pretrained(name_or_path)
-            config.layer_config()  # one line naming what is unsupported, before any weights load
-        else:
-            config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        config, native = load_model_config(name_or_path, trust_remote_code=trust_remote_code)
         try:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code)
         except (OSError, ValueError):

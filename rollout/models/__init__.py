@@ -6,7 +6,7 @@ no remote code, whatever ``trust_remote_code`` says (see :mod:`rollout.models.ba
 
 from __future__ import annotations
 
-from rollout.models.base import BidirectionalLM, read_config_dict
+from rollout.models.base import BidirectionalLM, UnsupportedModelError, read_config_dict
 from rollout.models.dream import DreamConfig, DreamForMaskedLM
 from rollout.models.llada import LLaDAConfig, LLaDAForMaskedLM
 
@@ -18,5 +18,19 @@ def native_class(model_type: str | None) -> type[BidirectionalLM] | None:
     return ARCHITECTURES.get(str(model_type or "").lower())
 
 
+def load_model_config(name_or_path, *, trust_remote_code: bool = False):
+    """``(config, our class or None)`` of a checkpoint, without its weights: our config class for
+    LLaDA / Dream (one :class:`UnsupportedModelError` naming what our implementation cannot
+    reproduce), else transformers' ``AutoConfig``."""
+    from transformers import AutoConfig
+
+    native = native_class(read_config_dict(name_or_path).get("model_type"))
+    if native is None:
+        return AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code), None
+    config = native.config_class.from_pretrained(name_or_path)
+    config.layer_config()
+    return config, native
+
+
 __all__ = ["ARCHITECTURES", "BidirectionalLM", "DreamConfig", "DreamForMaskedLM", "LLaDAConfig",
-           "LLaDAForMaskedLM", "native_class", "read_config_dict"]
+           "LLaDAForMaskedLM", "UnsupportedModelError", "load_model_config", "native_class", "read_config_dict"]

@@ -29,6 +29,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, MaskedLMOutpu
 CARRIED_FILES = ("generation_config.json",)
 
 
+class UnsupportedModelError(ValueError):
+    """A published config our implementation cannot reproduce (the message names the key)."""
+
+
 class BidirectionalTrunk(nn.Module):
     """Embeddings -> decoder layers (non-causal) -> final RMSNorm. ``layer_config`` is the
     transformers config (LlamaConfig / Qwen2Config) the layers are built from."""

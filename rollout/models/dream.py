@@ -12,7 +12,7 @@ from __future__ import annotations
 from transformers import PretrainedConfig, Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from rollout.models.base import BidirectionalLM
+from rollout.models.base import BidirectionalLM, UnsupportedModelError
 
 # The published DreamConfig's defaults (configuration_dream.py), used when a config.json omits a key.
 _DEFAULTS = dict(
@@ -56,8 +56,8 @@ class DreamConfig(PretrainedConfig):
         if "type" in rope:  # the pre-``rope_type`` spelling
             rope["rope_type"] = rope.pop("type")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"Dream config hidden_size={self.hidden_size} is not a multiple of "
-                             f"num_attention_heads={self.num_attention_heads}")
+            raise UnsupportedModelError(f"Dream config hidden_size={self.hidden_size} is not a multiple of "
+                                        f"num_attention_heads={self.num_attention_heads}")
         return Qwen2Config(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
             num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,

@@ -20,7 +20,7 @@ import logging
 from transformers import LlamaConfig, PretrainedConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
-from rollout.models.base import BidirectionalLM
+from rollout.models.base import BidirectionalLM, UnsupportedModelError
 
 log = logging.getLogger(__name__)
 
@@ -95,16 +95,18 @@ class LLaDAConfig(PretrainedConfig):
         return self.n_kv_heads or self.n_heads
 
     def check_supported(self) -> None:
-        """One ``ValueError`` naming the first key our implementation cannot reproduce."""
+        """One :class:`UnsupportedModelError` naming the first key our implementation cannot reproduce."""
         for key, (allowed, why) in _SUPPORTED.items():
             value = getattr(self, key, None)
             if value not in allowed:
-                raise ValueError(f"LLaDA config {key}={value!r} is not supported ({why}); supported: {list(allowed)}")
+                raise UnsupportedModelError(f"LLaDA config {key}={value!r} is not supported ({why}); "
+                                            f"supported: {list(allowed)}")
         if self.include_qkv_bias and not self.include_bias:
-            raise ValueError("LLaDA config include_qkv_bias=True with include_bias=False is not supported (the Llama "
-                             "block biases q/k/v and the output projection together)")
+            raise UnsupportedModelError("LLaDA config include_qkv_bias=True with include_bias=False is not supported "
+                                        "(the Llama block biases q/k/v and the output projection together)")
         if self.d_model % self.n_heads:
-            raise ValueError(f"LLaDA config d_model={self.d_model} is not a multiple of n_heads={self.n_heads}")
+            raise UnsupportedModelError(f"LLaDA config d_model={self.d_model} is not a multiple of "
+                                        f"n_heads={self.n_heads}")
         dropped = {k: getattr(self, k) for k in ("residual_dropout", "embedding_dropout") if getattr(self, k)}
         if dropped:
             log.warning("LLaDA config %s: residual/embedding dropout is not implemented; training runs without it",
