@@ -19,6 +19,7 @@ import argparse
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -38,20 +39,23 @@ LLADA_BENCH = dict(d_model=512, n_heads=8, n_layers=6, mlp_hidden_size=1536, act
                    embedding_dropout=0.0)
 
 
-def build_policy(arch: str, seed: int, published_code: str | None = None) -> PolicyAdapter:
+def build_policy(arch: str, seed: int, published_code: str | None = None, sizes: dict | None = None) -> PolicyAdapter:
     """A fresh model: the built-in tiny one, or LLaDA's architecture in its published layout
-    (``published_code``: a folder with LLaDA's .py files to ship beside the weights)."""
+    (``published_code``: a folder with LLaDA's .py files to ship beside the weights). ``sizes``
+    overrides the tiny model's (``hidden_size``, ...) or :data:`LLADA_BENCH`'s (``d_model``, ...) sizes."""
     if arch == "tiny":
-        return build_tiny_policy(seed=seed)
+        return build_tiny_policy(seed=seed, **(sizes or {}))
     tok = build_tiny_tokenizer()
-    config = LLaDAConfig(**LLADA_BENCH, vocab_size=len(tok), embedding_size=-(-len(tok) // 128) * 128,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id)
+    config = LLaDAConfig(**{**LLADA_BENCH, **(sizes or {})}, vocab_size=len(tok),
+                         embedding_size=-(-len(tok) // 128) * 128, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id, mask_token_id=tok.mask_token_id)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LLaDAForMaskedLM(config)
     if published_code:
         model.published_files = {p.name: p.read_text() for p in Path(published_code).glob("*.py")}
     return PolicyAdapter(model, tok)
+
 
 OPS = {"copy": lambda d: d, "reverse": lambda d: d[::-1], "sort": lambda d: "".join(sorted(d))}
 
@@ -86,16 +90,24 @@ def make_batch(tok, examples, gen_length: int):
     return input_ids, attn, resp
 
 
-def train(policy: PolicyAdapter, args) -> float:
-    """Masked-diffusion SFT of ``policy`` on the digit task; returns the last smoothed loss."""
+def train(policy: PolicyAdapter, args, sample: Callable[[random.Random, int], list] = make_examples, *,
+          decay_to: float = 1.0, check: Callable[[int], bool] | None = None, check_every: int = 0) -> float:
+    """Masked-diffusion SFT of ``policy`` on ``sample(rng, n)``'s (prompt, completion) pairs (default:
+    the digit task) for ``args.train_steps`` steps of ``args.train_batch``; returns the last smoothed loss.
+
+    The learning rate warms up over 20 steps, then decays linearly to ``decay_to * args.lr``; every
+    ``check_every`` steps ``check(step)`` runs (the model in eval mode) and training stops if it
+    returns True."""
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
+    total = args.train_steps
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 20) * (1 - (1 - decay_to) * min(1.0, s / max(total, 1))))
     policy.train()
     ema, losses = None, []
-    bar = tqdm(range(args.train_steps), desc=f"train {type(policy.model).__name__}", file=sys.stdout, mininterval=2)
-    for _ in bar:
-        ids, attn, resp = make_batch(policy.tokenizer, make_examples(rng, args.train_batch), args.gen_length)
+    bar = tqdm(range(total), desc=f"train {type(policy.model).__name__}", file=sys.stdout, mininterval=2)
+    for step in bar:
+        ids, attn, resp = make_batch(policy.tokenizer, sample(rng, args.train_batch), args.gen_length)
         loss = diffusion_sft_loss(policy, ids, resp, mask_id=policy.mask_token_id, attention_mask=attn, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -108,6 +120,12 @@ def train(policy: PolicyAdapter, args) -> float:
                 ema = v if ema is None else 0.9 * ema + 0.1 * v
             losses.clear()
             bar.set_postfix(loss=f"{ema:.3f}")
+        if check is not None and check_every and (step + 1) % check_every == 0 and step + 1 < total:
+            policy.eval()
+            stop = check(step + 1)
+            policy.train()
+            if stop:
+                break
     for v in torch.stack(losses).tolist() if losses else []:
         ema = v if ema is None else 0.9 * ema + 0.1 * v
     policy.eval()

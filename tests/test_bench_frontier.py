@@ -1,0 +1,113 @@
+"""scripts/bench_frontier.py and its task (scripts/count_up.py: addition by counting up, worked lines)."""
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+
+import bench_frontier as bf  # noqa: E402
+import count_up as task  # noqa: E402
+
+
+def test_worked_example():
+    ex = task.make_example(3998, 3, 4)
+    assert ex.prompt == "03:03998" and ex.answer == "4001" and (ex.number, ex.count) == (3998, 3)
+    assert ex.completion == "02:03999\n01:04000\n00:04001\n=4001"
+    assert task.is_correct(ex.completion, ex) and task.steps_consistent(ex.completion, ex)
+
+
+@pytest.mark.parametrize("digits,counts", [(1, (1, 1)), (3, (2, 9)), (4, (8, 24)), (6, (90, 99))])
+def test_generated_problems_verify(digits, counts):
+    for ex in task.sample(random.Random(0), 200, digits, counts):
+        number, count = ex.number, ex.count
+        assert ex.prompt == f"{count:02d}:{number:0{digits + 1}d}"
+        assert len(str(number)) == digits and counts[0] <= count <= counts[1]
+        assert int(ex.answer) == number + count and task.final_answer(ex.completion) == ex.answer
+        assert task.steps_consistent(ex.completion, ex)
+        lines = ex.completion.splitlines()
+        assert len(lines) == count + 1 and {len(ln) for ln in [ex.prompt, *lines[:-1]]} == {digits + 4}
+        assert len(ex.completion) == count * (digits + 5) + 1 + len(ex.answer)
+
+
+def test_wrong_steps_and_answers_are_caught():
+    ex = task.make_example(58, 3, 2)
+    good = ex.completion
+    assert ex.prompt == "03:058" and good == "02:059\n01:060\n00:061\n=61"
+    for bad in (good.replace("060", "050"),  # a carry dropped
+                good.replace("01:", "00:"),  # the countdown skips
+                good.replace("059", "59"),  # not zero-padded
+                good.replace("=61", "=62"),  # the sum is not the last value
+                "02:059\n00:061\n=61"):  # a step missing
+        assert not task.steps_consistent(bad, ex)
+    assert not task.is_correct(good.replace("=61", "=60"), ex)
+    assert task.final_answer("no answer here") is None and task.final_answer("") is None
+    assert task.is_correct("garbage\n=61\n", ex)  # accuracy reads only the stated sum
+
+
+def test_held_out_is_distinct_and_seeded():
+    a = task.held_out(3, 300, 2, (1, 9))
+    assert len({e.prompt for e in a}) == 300 and a == task.held_out(3, 300, 2, (1, 9))
+
+
+def test_bad_input():
+    for digits, counts in ((0, (1, 5)), (3, (0, 5)), (3, (5, 4)), (3, (5, 100))):
+        with pytest.raises(ValueError, match="need digits >= 1"):
+            task.sample(random.Random(0), 1, digits, counts)
+    with pytest.raises(ValueError, match="does not have 3 digits"):
+        task.make_example(42, 3, 3)
+    assert task.parse_counts("8-24") == (8, 24) and task.parse_counts("16") == (16, 16)
+    with pytest.raises(ValueError, match="counts="):
+        task.parse_counts("a-b")
+    with pytest.raises(SystemExit, match="--thresholds"):
+        bf.main(["--thresholds", "0.5,x"])
+    with pytest.raises(SystemExit, match="--counts"):
+        bf.main(["--counts", "0-3"])
+
+
+def test_frontier_bench_smoke(tmp_path, capsys):
+    """End to end on a barely trained tiny model: every row present, the reference first with
+    ratios 1 to itself, the JSON and the plot written."""
+    out = tmp_path / "rows.json"
+    bf.main(["--train-steps", "2", "--check-every", "1", "--n-val", "2", "--n-test", "4", "--batch", "2",
+             "--digits", "2", "--counts", "2-3", "--gen-length", "32", "--block-length", "16", "--thresholds", "0.9",
+             "--json", str(out), "--plot", str(tmp_path / "f.png")])
+    rows = json.loads(out.read_text())["rows"]
+    names = [r["mode"] for r in rows]
+    assert names[0] == bf.BASELINE and len(set(names)) == len(names) == 12
+    assert rows[0]["x_tps"] == rows[0]["x_nfe"] == 1 and rows[0]["delta"] == 0 and rows[0]["agree"] == 1
+    assert all(r["n"] == 4 for r in rows) and (tmp_path / "f.png").stat().st_size > 0
+    assert "goal (>= 10x tokens/s" in capsys.readouterr().out
+
+
+def test_frontier_bench_bert_variant_has_no_cache_rows(tmp_path, capsys):
+    """The tiny model's BERT variant (absolute positions) has no block cache: its table has no cache rows."""
+    out = tmp_path / "rows.json"
+    bf.main(["--arch", "tiny-bert", "--train-steps", "2", "--n-val", "2", "--n-test", "2", "--batch", "2",
+             "--digits", "2", "--counts", "2-3", "--gen-length", "16", "--block-length", "16", "--thresholds", "0.9",
+             "--json", str(out)])
+    data = json.loads(out.read_text())
+    assert "BertForMaskedLM" in data["note"] and not any("cache" in r["mode"] for r in data["rows"])
+    assert len(data["rows"]) == 7  # reference, early, EOS fill, early + EOS; threshold alone, + EOS, + early + EOS
+
+
+def test_frontier_modes_and_statistics():
+    core = bf.build_modes([0.5, 0.9], [0.9], "core", kv_cache=True)
+    full = bf.build_modes([0.5, 0.9], [0.9], "all", kv_cache=True)
+    assert core[0].kwargs == {} == full[0].kwargs and len(full) == 3 * 3 * 2 * 2
+    assert {m.name for m in core} <= {m.name for m in full}
+    assert not any("cache" in m.name for m in bf.build_modes([0.9], [0.9], "all", kv_cache=False))
+    assert all(m.backend == "vllm" and "kv_cache" not in m.kwargs for m in bf.vllm_modes([0.9], [0.9]))
+    # paired differences: the mode fixes 2 of the reference's misses and breaks 1, on 4 problems
+    ref = bf.Tally(correct=[True, False, False, True], exact=[False] * 4, nfe=256, batches=1, wall=8.0, cpu=8.0)
+    fast = bf.Tally(correct=[True, True, True, False], exact=[False] * 4, nfe=16, batches=1, wall=0.5, cpu=1.0)
+    ref.tokens = fast.tokens = [torch.zeros(4, 8, dtype=torch.long)]
+    rows = bf.summarize({"ref": ref, "fast": fast}, gen_length=8)
+    assert rows[1]["delta"] == pytest.approx(0.25) and rows[1]["se_delta"] == pytest.approx(0.4787, abs=1e-4)
+    assert rows[1]["x_tps"] == 16 and rows[1]["x_cpu"] == 8 and rows[1]["x_nfe"] == 16
+    assert "MET" in bf.goal_verdict(rows) and "NOT met" in bf.goal_verdict(rows, speed=20)
+    assert [r["mode"] for r in bf.pareto(rows)] == ["fast"]
