@@ -175,7 +175,7 @@ class TorchDenoiser:
 
 
 def check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, temperature, cfg_scale,
-                remasking, threshold, early_commit, kv_cache):
+               remasking, threshold, early_commit, kv_cache):
     if prompt_ids.dim() != 2 or prompt_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"prompt_ids: expected a 2D integer tensor [B, P], got {tuple(prompt_ids.shape)} "
                          f"{prompt_ids.dtype}")
@@ -246,8 +246,8 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     the model's train/eval flags.
     """
     check_args(prompt_ids, attention_mask, steps=steps, gen_length=gen_length, block_length=block_length,
-                temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
-                early_commit=early_commit, kv_cache=kv_cache)
+               temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
+               early_commit=early_commit, kv_cache=kv_cache)
     if eos_id is None:
         eos_id = _model_attr(model, "eos_token_id")
     if fill_after_eos and eos_id is None:
@@ -257,8 +257,8 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
         if not ok:
             raise ValueError(f"kv_cache={kv_cache!r} is not supported for this model: {why}")
     denoiser = TorchDenoiser(model, prompt_len=prompt_ids.shape[1],
-                             full_mask=full_attention_mask(attention_mask, gen_length), mask_id=mask_id, cfg_scale=cfg_scale, kv_cache=kv_cache,
-                             want_hidden=order_policy is not None, dtype=_param_dtype(model), temperature=temperature,
+                             full_mask=full_attention_mask(attention_mask, gen_length), mask_id=mask_id,
+                             cfg_scale=cfg_scale, kv_cache=kv_cache, want_hidden=order_policy is not None, dtype=_param_dtype(model), temperature=temperature,
                              generator=generator, stats=needed_stats(remasking, threshold, early_commit))
     with torch.no_grad(), _eval_mode(model):
         out = denoise(denoiser, prompt_ids, attention_mask=attention_mask, steps=steps, gen_length=gen_length,

@@ -50,8 +50,11 @@ def load_policy(path: str | None, seed: int) -> PolicyAdapter:
 def prompts(n: int, seed: int) -> list[str]:
     """Digit-task prompts of varied length (``"reverse 40913"``), so rows are left-padded."""
     rng = random.Random(seed)
-    digits = ["".join(rng.choice("0123456789") for _ in range(rng.randint(4, 10))) for _ in range(n)]
-    return [f"{rng.choice(['copy', 'reverse', 'sort'])} {d}" for d in digits]
+    out = []
+    for _ in range(n):  # the op, then its digits: the draw order of the measured runs
+        op = rng.choice(["copy", "reverse", "sort"])
+        out.append(f"{op} {''.join(rng.choice('0123456789') for _ in range(rng.randint(4, 10)))}")
+    return out
 
 
 def timed(engine, texts, options) -> tuple[float, object]:

@@ -204,8 +204,8 @@ class VLLMEngine(RolloutEngine):
             raise ValueError(f"rollout.backend=vllm: cfg_scale={options.cfg_scale}, kv_cache={options.kv_cache!r} "
                              "are torch-only options")
         check_args(ids, mask, steps=options.steps, gen_length=options.gen_length, block_length=options.block_length,
-                    temperature=options.temperature, cfg_scale=0.0, remasking=options.remasking,
-                    threshold=options.threshold, early_commit=options.early_commit, kv_cache=None)
+                   temperature=options.temperature, cfg_scale=0.0, remasking=options.remasking,
+                   threshold=options.threshold, early_commit=options.early_commit, kv_cache=None)
         adapter = self.adapter
         eos_id = adapter.eos_token_id
         if options.fill_after_eos and eos_id is None:
