@@ -61,8 +61,8 @@ def mode_name(threshold: float | None, cache: str | None, early: float | None, e
 def build_modes(thresholds: list[float], earlies: list[float], which: str, kv_cache: bool) -> list[Mode]:
     """The modes to run, the reference first. ``all``: every combination of threshold (or none) x
     cache (none / prefix / dual) x early commit (or none) x EOS fill (off / on); ``core``: the
-    reference, each fast mode alone, every threshold alone and with each cache, with EOS fill, with
-    early commit + EOS fill, and with all three."""
+    reference, each fast mode alone, every threshold alone, with each cache, with EOS fill, with each
+    cache + EOS fill, with early commit + EOS fill, and with all three (dual cache)."""
     caches = [None, "prefix", "dual"] if kv_cache else [None]
     combos: list[tuple] = []
     if which == "all":
@@ -73,7 +73,7 @@ def build_modes(thresholds: list[float], earlies: list[float], which: str, kv_ca
         combos += [(None, None, e, False) for e in earlies] + [(None, None, None, True)]
         combos += [(None, None, e, True) for e in earlies]
         for t in thresholds:
-            combos += [(t, c, None, False) for c in caches] + [(t, None, None, True), (t, None, e0, True)]
+            combos += [(t, c, None, f) for f in (False, True) for c in caches] + [(t, None, e0, True)]
             combos += [(t, caches[-1], e0, True)] if kv_cache else []
     seen, modes = set(), []
     for t, c, e, f in combos:
