@@ -306,6 +306,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="model to train without --model: the tiny model (EuroBERT blocks, RoPE: has the KV cache), "
                          "its BERT variant (absolute positions, no cache) or LLaDA's architecture")
     ap.add_argument("--sizes", help="model size overrides, e.g. d_model=256,n_layers=4 (llada) or hidden_size=... (tiny)")
+    ap.add_argument("--init", help="train from this checkpoint folder instead of a fresh --arch model (fresh "
+                    "optimizer and schedule)")
     ap.add_argument("--save", help="save the trained checkpoint here (runs/...; reload with --model)")
     ap.add_argument("--train-only", action="store_true", help="stop after training (with --save)")
     ap.add_argument("--digits", type=int, default=4, help="digits of the number counted up from")
@@ -350,8 +352,11 @@ def main(argv: list[str] | None = None) -> None:
         policy = PolicyAdapter.from_pretrained(args.model).eval()
         note = f"model {args.model}"
     else:
-        arch, extra = ("tiny", {"arch": "bert"}) if args.arch == "tiny-bert" else (args.arch, {})
-        policy = build_policy(arch, args.seed, sizes={**extra, **sizes(args.sizes)})
+        if args.init:
+            policy = PolicyAdapter.from_pretrained(args.init)
+        else:
+            arch, extra = ("tiny", {"arch": "bert"}) if args.arch == "tiny-bert" else (args.arch, {})
+            policy = build_policy(arch, args.seed, sizes={**extra, **sizes(args.sizes)})
         unseen = {e.prompt for e in test + val}
 
         def sample(rng: random.Random, n: int) -> list[tuple[str, str]]:
@@ -372,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
 
         t0, c0 = time.perf_counter(), time.process_time()
         loss = train(policy, args, sample, decay_to=args.decay_to, check=check, check_every=args.check_every)
-        note = (f"{args.arch} model trained on {desc}, {args.train_batch} per step, "
+        note = (f"{args.init or args.arch} model trained on {desc}, {args.train_batch} per step, "
                 f"{time.perf_counter() - t0:.0f} s wall / {time.process_time() - c0:.0f} s CPU incl. validation "
                 f"(final loss {loss:.3f}; validation {', '.join(checks) or 'none'})")
         if args.save:

@@ -111,3 +111,19 @@ def test_frontier_modes_and_statistics():
     assert rows[1]["x_tps"] == 16 and rows[1]["x_cpu"] == 8 and rows[1]["x_nfe"] == 16
     assert "MET" in bf.goal_verdict(rows) and "NOT met" in bf.goal_verdict(rows, speed=20)
     assert [r["mode"] for r in bf.pareto(rows)] == ["fast"]
+
+
+def test_frontier_bench_init_continues_from_a_checkpoint(tmp_path, capsys):
+    """``--init`` trains from a saved checkpoint (its weights, not a fresh model's) and saves the result."""
+    small = ["--train-steps", "2", "--n-val", "2", "--n-test", "2", "--batch", "2", "--digits", "2", "--counts", "2-3",
+             "--gen-length", "16", "--block-length", "16", "--train-only"]
+    bf.main([*small, "--save", str(tmp_path / "a")])
+    bf.main([*small, "--init", str(tmp_path / "a"), "--save", str(tmp_path / "b")])
+    assert f"{tmp_path / 'a'} model trained" in capsys.readouterr().out
+    a = bf.PolicyAdapter.from_pretrained(tmp_path / "a")
+    b = bf.PolicyAdapter.from_pretrained(tmp_path / "b")
+    fresh = bf.build_policy("tiny", 0)
+    pa, pb, pf = (dict(m.named_parameters()) for m in (a, b, fresh))
+    name = next(n for n in pa if n.endswith("embed_tokens.weight") or "embeddings" in n)
+    d_ab, d_fb = (pb[name] - pa[name]).abs().max(), (pb[name] - pf[name]).abs().max()
+    assert 0 < d_ab < d_fb  # two more steps from a, not from a fresh model
