@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
     args.steps = args.steps or args.gen_length
+    if args.init and args.model:
+        raise SystemExit("--init (train from a checkpoint) and --model (evaluate one, no training): pass one of them")
     try:
         shape = (args.digits, task.parse_counts(args.counts))
         task.check_shape(*shape)

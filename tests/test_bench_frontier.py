@@ -127,3 +127,5 @@ def test_frontier_bench_init_continues_from_a_checkpoint(tmp_path, capsys):
     name = next(n for n in pa if n.endswith("embed_tokens.weight") or "embeddings" in n)
     d_ab, d_fb = (pb[name] - pa[name]).abs().max(), (pb[name] - pf[name]).abs().max()
     assert 0 < d_ab < d_fb  # two more steps from a, not from a fresh model
+    with pytest.raises(SystemExit, match="--init .* and --model"):
+        bf.main([*small, "--init", str(tmp_path / "a"), "--model", str(tmp_path / "b")])
