@@ -258,8 +258,9 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
             raise ValueError(f"kv_cache={kv_cache!r} is not supported for this model: {why}")
     denoiser = TorchDenoiser(model, prompt_len=prompt_ids.shape[1],
                              full_mask=full_attention_mask(attention_mask, gen_length), mask_id=mask_id,
-                             cfg_scale=cfg_scale, kv_cache=kv_cache, want_hidden=order_policy is not None, dtype=_param_dtype(model), temperature=temperature,
-                             generator=generator, stats=needed_stats(remasking, threshold, early_commit))
+                             cfg_scale=cfg_scale, kv_cache=kv_cache, want_hidden=order_policy is not None,
+                             dtype=_param_dtype(model), temperature=temperature, generator=generator,
+                             stats=needed_stats(remasking, threshold, early_commit))
     with torch.no_grad(), _eval_mode(model):
         out = denoise(denoiser, prompt_ids, attention_mask=attention_mask, steps=steps, gen_length=gen_length,
                       block_length=block_length, mask_id=mask_id, eos_id=eos_id, remasking=remasking,

@@ -78,7 +78,8 @@ def test_frontier_bench_smoke(tmp_path, capsys):
              "--json", str(out), "--plot", str(tmp_path / "f.png")])
     rows = json.loads(out.read_text())["rows"]
     names = [r["mode"] for r in rows]
-    assert names[0] == bf.BASELINE and len(set(names)) == len(names) == 14  # reference, 5 without threshold, 8 with tau=0.9
+    # the reference, 5 modes without a threshold, 8 with tau=0.9
+    assert names[0] == bf.BASELINE and len(set(names)) == len(names) == 14
     assert rows[0]["x_tps"] == rows[0]["x_nfe"] == 1 and rows[0]["delta"] == 0 and rows[0]["agree"] == 1
     assert all(r["n"] == 4 for r in rows) and (tmp_path / "f.png").stat().st_size > 0
     assert "goal (>= 10x tokens/s" in capsys.readouterr().out
