@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
+import transformers
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_outputs import MaskedLMOutput
@@ -54,8 +55,11 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 _HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head"), "BertForMaskedLM": ("bert", "cls"),
                   "LLaDAForMaskedLM": ("model", "lm_head"), "DreamForMaskedLM": ("model", "lm_head")}
 # Classes verified with the sampler's block KV cache: forward appends to a transformers Cache given
-# as ``past_key_values``, takes ``position_ids`` and passes a prepared 4D mask through.
-_CACHE_CLASSES = ("EuroBertForMaskedLM", "LLaDAForMaskedLM", "DreamForMaskedLM")
+# as ``past_key_values``, takes ``position_ids`` and passes a prepared 4D mask through. BERT's
+# self-attention writes to a given Cache in encoder mode too since transformers 5 (4.x BertForMaskedLM
+# takes no ``past_key_values``); absolute position embeddings come from ``position_ids``.
+_CACHE_CLASSES = ("EuroBertForMaskedLM", "LLaDAForMaskedLM", "DreamForMaskedLM") + (
+    ("BertForMaskedLM",) if int(transformers.__version__.split(".")[0]) >= 5 else ())
 
 
 def known_model(config) -> KnownModel | None:

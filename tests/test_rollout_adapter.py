@@ -49,9 +49,10 @@ def test_from_pretrained_local_copy(tmp_path):
         torch.testing.assert_close(loaded(x).logits, pol.eval()(x).logits)
     shifted = PolicyAdapter.from_pretrained(str(tmp_path / "tiny"), logits_shifted=True)
     assert shifted.logits_shifted and shifted.supports_kv_cache  # the sampler's window starts one earlier
-    bert = build_tiny_policy(arch="bert")
-    ok, why = kv_cache_support(bert)
-    assert not ok and "BertForMaskedLM is not verified for the block cache" in why
+    assert kv_cache_support(build_tiny_policy(arch="bert")) == (True, "")
+    eager = PolicyAdapter(build_tiny_policy().model.model, mask_token_id=1)  # a trunk without an LM head
+    ok, why = kv_cache_support(eager)
+    assert not ok and "EuroBertModel is not verified for the block cache" in why
 
 
 def test_from_pretrained_without_mask_token_fails_clearly(tmp_path):

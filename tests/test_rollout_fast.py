@@ -14,9 +14,10 @@ def policy():
     return build_tiny_policy(seed=1, initializer_range=0.3).eval()
 
 
-@pytest.fixture(scope="module")
-def one_layer():
-    return build_tiny_policy(seed=2, num_hidden_layers=1, initializer_range=0.3).eval()
+@pytest.fixture(scope="module", params=["eurobert", "bert"])
+def one_layer(request):
+    """One-layer tiny models: RoPE (EuroBERT) and learned absolute positions (BERT)."""
+    return build_tiny_policy(seed=2, num_hidden_layers=1, initializer_range=0.3, arch=request.param).eval()
 
 
 @pytest.fixture(scope="module")
