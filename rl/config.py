@@ -131,6 +131,7 @@ class RolloutOptions:
     early_commit: float | None = None
     fill_after_eos: bool = False
     kv_cache: str | None = None
+    cache_lookahead: int = 0  # with kv_cache=dual: positions after the block recomputed each step
     backend: str = "torch"  # torch: the sampler in process; vllm: every denoising forward is a vLLM call
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
@@ -147,6 +148,10 @@ class RolloutOptions:
             if getattr(self, name) is not None:
                 check_range(name, getattr(self, name), low=0, high=1, low_open=True)
         check_choice("kv_cache", self.kv_cache, (None, *KV_CACHES))
+        check_range("cache_lookahead", self.cache_lookahead, low=0)
+        if self.cache_lookahead and self.kv_cache != "dual":
+            raise ConfigError(f"cache_lookahead={self.cache_lookahead}: only the dual cache has a frozen suffix "
+                              f"to look into (kv_cache={self.kv_cache!r}); set kv_cache=dual or cache_lookahead=0")
         if self.remasking != "low_confidence":  # the default is registered (tested); others: ask the sampler
             from rollout.remasking import REMASKING  # imports torch: only for a non-default value
 

@@ -33,7 +33,7 @@ from rollout.weights import gathered_for_generation
 
 # The fields of the options object that are the sampler's keyword arguments (rollout.generate).
 SAMPLER_OPTIONS = ("gen_length", "block_length", "steps", "temperature", "cfg_scale", "remasking", "threshold",
-                   "early_commit", "fill_after_eos", "kv_cache")
+                   "early_commit", "fill_after_eos", "kv_cache", "cache_lookahead")
 BACKENDS = ("torch", "vllm")
 
 

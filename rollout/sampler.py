@@ -127,10 +127,12 @@ class TorchDenoiser:
 
     def __init__(self, model, *, prompt_len: int, full_mask: torch.Tensor | None, mask_id: int,
                  cfg_scale: float, kv_cache: str | None, want_hidden: bool, dtype: torch.dtype,
-                 temperature: float, generator: torch.Generator | None, stats: tuple[str, ...]):
+                 temperature: float, generator: torch.Generator | None, stats: tuple[str, ...],
+                 cache_lookahead: int = 0):
         self.model, self.P, self.mask_id = model, prompt_len, mask_id
         self.cfg_scale, self.kv_cache, self.want_hidden, self.dtype = cfg_scale, kv_cache, want_hidden, dtype
         self.temperature, self.generator, self.stats = temperature, generator, stats
+        self.lookahead = cache_lookahead
         self.full_mask = full_mask if cfg_scale == 0 or full_mask is None else torch.cat([full_mask, full_mask])
         self.passes = 2 if cfg_scale > 0 else 1
         self.cache: BlockKVCache | None = None
@@ -156,7 +158,7 @@ class TorchDenoiser:
             pos = self.positions if self.positions is not None else torch.arange(N, device=x.device)[None]
             out = self.model(x, attention_mask=self.full_mask, position_ids=pos, past_key_values=self.cache, **kw)
         else:
-            q0, q1 = s0 - self.shift, (N if self.kv_cache == "prefix" else e0)
+            q0, q1 = s0 - self.shift, (N if self.kv_cache == "prefix" else min(N, e0 + self.lookahead))
             self.cache.set_window(q0)
             pos = (self.positions[:, q0:q1] if self.positions is not None
                    else torch.arange(q0, q1, device=x.device)[None])
@@ -175,7 +177,7 @@ class TorchDenoiser:
 
 
 def check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, temperature, cfg_scale,
-               remasking, threshold, early_commit, kv_cache):
+               remasking, threshold, early_commit, kv_cache, cache_lookahead=0):
     if prompt_ids.dim() != 2 or prompt_ids.dtype not in (torch.long, torch.int):
         raise ValueError(f"prompt_ids: expected a 2D integer tensor [B, P], got {tuple(prompt_ids.shape)} "
                          f"{prompt_ids.dtype}")
@@ -195,6 +197,9 @@ def check_args(prompt_ids, attention_mask, *, steps, gen_length, block_length, t
         raise ValueError(f"early_commit={early_commit} must be >= 0 (a top-2 probability gap)")
     if kv_cache is not None and kv_cache not in KV_CACHE_MODES:
         raise ValueError(f"kv_cache={kv_cache!r}: expected None or one of {KV_CACHE_MODES}")
+    if cache_lookahead < 0 or (cache_lookahead and kv_cache != "dual"):
+        raise ValueError(f"cache_lookahead={cache_lookahead}: must be >= 0, and > 0 only with kv_cache='dual' "
+                         f"(got kv_cache={kv_cache!r})")
     if attention_mask is not None:
         if attention_mask.shape != prompt_ids.shape:
             raise ValueError(f"attention_mask: shape {tuple(attention_mask.shape)} != prompt_ids "
@@ -223,7 +228,7 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
              mask_id: int, attention_mask: torch.Tensor | None = None,
              generator: torch.Generator | None = None, eos_id: int | None = None,
              threshold: float | None = None, early_commit: float | None = None, fill_after_eos: bool = False,
-             kv_cache: str | None = None, order_policy: OrderPolicy | None = None,
+             kv_cache: str | None = None, cache_lookahead: int = 0, order_policy: OrderPolicy | None = None,
              record_scores: bool = False) -> Rollout:
     """Sample completions of left-padded ``prompt_ids`` ``[B, P]`` by iterative unmasking.
 
@@ -233,7 +238,8 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     - ``threshold``: also commit every masked position of the current block whose p(x0) >= tau
       (Fast-dLLM); the schedule's count is a floor and at least one is committed per step, so
       tau > 1 gives the baseline, and a block ends as soon as it has no masks.
-    - ``kv_cache``: ``"prefix"`` or ``"dual"`` block cache (:mod:`rollout.kv_cache`).
+    - ``kv_cache``: ``"prefix"`` or ``"dual"`` block cache (:mod:`rollout.kv_cache`);
+      ``cache_lookahead``: with ``"dual"``, also recompute this many positions after the block.
     - ``early_commit``: if every remaining mask a forward scored has top-1 minus top-2
       probability >= gamma, commit them all with their proposals (Prophet-style early answer;
       scope: the rest of the completion, or the current block with the dual cache).
@@ -247,7 +253,7 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     """
     check_args(prompt_ids, attention_mask, steps=steps, gen_length=gen_length, block_length=block_length,
                temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
-               early_commit=early_commit, kv_cache=kv_cache)
+               early_commit=early_commit, kv_cache=kv_cache, cache_lookahead=cache_lookahead)
     if eos_id is None:
         eos_id = _model_attr(model, "eos_token_id")
     if fill_after_eos and eos_id is None:
@@ -260,13 +266,14 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
                              full_mask=full_attention_mask(attention_mask, gen_length), mask_id=mask_id,
                              cfg_scale=cfg_scale, kv_cache=kv_cache, want_hidden=order_policy is not None,
                              dtype=_param_dtype(model), temperature=temperature, generator=generator,
-                             stats=needed_stats(remasking, threshold, early_commit))
+                             stats=needed_stats(remasking, threshold, early_commit), cache_lookahead=cache_lookahead)
     with torch.no_grad(), _eval_mode(model):
         out = denoise(denoiser, prompt_ids, attention_mask=attention_mask, steps=steps, gen_length=gen_length,
                       block_length=block_length, mask_id=mask_id, eos_id=eos_id, remasking=remasking,
                       generator=generator, threshold=threshold, early_commit=early_commit,
                       fill_after_eos=fill_after_eos, order_policy=order_policy, record_scores=record_scores)
     out.extras["kv_cache"] = kv_cache
+    out.extras["cache_lookahead"] = cache_lookahead
     return out
 
 

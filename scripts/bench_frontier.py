@@ -51,19 +51,30 @@ class Mode:
     backend: str = "torch"
 
 
+def cache_kwargs(cache: str | None) -> dict:
+    """The sampler's cache arguments for ``None``, ``"prefix"``, ``"dual"`` or ``"dual+L"`` (the dual cache
+    recomputing ``L`` positions after the block: ``cache_lookahead``)."""
+    if cache is None:
+        return {}
+    name, _, look = cache.partition("+")
+    return {"kv_cache": name, **({"cache_lookahead": int(look)} if look else {})}
+
+
 def mode_name(threshold: float | None, cache: str | None, early: float | None, eos: bool, backend: str = "torch") -> str:
-    parts = ([f"tau={threshold:g}"] if threshold is not None else []) + ([f"{cache} cache"] if cache else []) \
+    cache_part = f"{cache.replace('+', ' cache, lookahead ')}" if cache and "+" in cache else f"{cache} cache"
+    parts = ([f"tau={threshold:g}"] if threshold is not None else []) + ([cache_part] if cache else []) \
         + ([f"early>={early:g}"] if early is not None else []) + (["EOS fill"] if eos else [])
     name = " + ".join(parts) if parts else BASELINE
     return name if backend == "torch" else f"{backend}: {name}"
 
 
-def build_modes(thresholds: list[float], earlies: list[float], which: str, kv_cache: bool) -> list[Mode]:
+def build_modes(thresholds: list[float], earlies: list[float], which: str, kv_cache: bool,
+                lookaheads: tuple[int, ...] = ()) -> list[Mode]:
     """The modes to run, the reference first. ``all``: every combination of threshold (or none) x
-    cache (none / prefix / dual) x early commit (or none) x EOS fill (off / on); ``core``: the
-    reference, each fast mode alone, every threshold alone, with each cache, with EOS fill, with each
-    cache + EOS fill, with early commit + EOS fill, and with all three (dual cache)."""
-    caches = [None, "prefix", "dual"] if kv_cache else [None]
+    cache (none / prefix / dual / dual with each lookahead) x early commit (or none) x EOS fill (off /
+    on); ``core``: the reference, each fast mode alone, every threshold alone, with each cache, with
+    EOS fill, with each cache + EOS fill, with early commit + EOS fill, and with all three (dual cache)."""
+    caches = [None, "prefix", "dual", *(f"dual+{n}" for n in lookaheads)] if kv_cache else [None]
     combos: list[tuple] = []
     if which == "all":
         combos = list(itertools.product([None, *thresholds], caches, [None, *earlies], [False, True]))
@@ -74,10 +85,10 @@ def build_modes(thresholds: list[float], earlies: list[float], which: str, kv_ca
         combos += [(None, None, e, True) for e in earlies]
         for t in thresholds:
             combos += [(t, c, None, f) for f in (False, True) for c in caches] + [(t, None, e0, True)]
-            combos += [(t, caches[-1], e0, True)] if kv_cache else []
+            combos += [(t, "dual", e0, True)] if kv_cache else []
     seen, modes = set(), []
     for t, c, e, f in combos:
-        kw = {k: v for k, v in dict(threshold=t, kv_cache=c, early_commit=e, fill_after_eos=f).items() if v}
+        kw = {k: v for k, v in dict(threshold=t, early_commit=e, fill_after_eos=f).items() if v} | cache_kwargs(c)
         key = tuple(sorted(kw.items()))
         if key not in seen:
             seen.add(key)
@@ -327,6 +338,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=None, help="reference denoising steps (default: gen_length)")
     ap.add_argument("--thresholds", default="0.5,0.7,0.8,0.9,0.95,0.99")
     ap.add_argument("--early-commit", default="0.9", help="early-commit top-2 gaps (comma-separated)")
+    ap.add_argument("--lookahead", default="16", help="dual-cache lookaheads (comma-separated positions after the "
+                    "block recomputed each step: cache_lookahead); empty: none")
     ap.add_argument("--modes", choices=("core", "all"), default="core")
     ap.add_argument("--vllm", action="store_true", help="add the vLLM backend's rows (rollout.backend=vllm)")
     ap.add_argument("--threads", type=int, default=1)
@@ -344,6 +357,12 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--digits/--counts: {exc}") from None
     desc = f"count-up addition ({args.digits}-digit number + {args.counts} steps)"
     thresholds, earlies = floats(args.thresholds, "thresholds"), floats(args.early_commit, "early-commit")
+    try:
+        lookaheads = tuple(int(v) for v in args.lookahead.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--lookahead={args.lookahead!r}: expected comma-separated positions, e.g. 16,32") from None
+    if any(n < 1 for n in lookaheads):
+        raise SystemExit(f"--lookahead={args.lookahead!r}: positions must be >= 1")
     torch.set_num_threads(args.threads)
     t_start, cpu_start = time.perf_counter(), time.process_time()
 
@@ -390,7 +409,7 @@ def main(argv: list[str] | None = None) -> None:
         print(note)
         return
 
-    modes = build_modes(thresholds, earlies, args.modes, policy.supports_kv_cache)
+    modes = build_modes(thresholds, earlies, args.modes, policy.supports_kv_cache, lookaheads)
     if args.vllm:
         modes += vllm_modes(thresholds, earlies)
     decode = Decoder(policy, args, vllm=args.vllm)

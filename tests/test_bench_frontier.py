@@ -67,6 +67,8 @@ def test_bad_input():
         bf.main(["--thresholds", "0.5,x"])
     with pytest.raises(SystemExit, match="--counts"):
         bf.main(["--counts", "0-3"])
+    with pytest.raises(SystemExit, match="--lookahead"):
+        bf.main(["--lookahead", "16,x"])
 
 
 def test_frontier_bench_smoke(tmp_path, capsys):
@@ -78,22 +80,25 @@ def test_frontier_bench_smoke(tmp_path, capsys):
              "--json", str(out), "--plot", str(tmp_path / "f.png")])
     rows = json.loads(out.read_text())["rows"]
     names = [r["mode"] for r in rows]
-    # the reference, 5 modes without a threshold, 8 with tau=0.9
-    assert names[0] == bf.BASELINE and len(set(names)) == len(names) == 14
+    # the reference, 6 modes without a threshold, 10 with tau=0.9 (caches: prefix, dual, dual + lookahead 16)
+    assert names[0] == bf.BASELINE and len(set(names)) == len(names) == 17
+    assert "tau=0.9 + dual cache, lookahead 16 + EOS fill" in names
     assert rows[0]["x_tps"] == rows[0]["x_nfe"] == 1 and rows[0]["delta"] == 0 and rows[0]["agree"] == 1
     assert all(r["n"] == 4 for r in rows) and (tmp_path / "f.png").stat().st_size > 0
     assert "goal (>= 10x tokens/s" in capsys.readouterr().out
 
 
-def test_frontier_bench_bert_variant_has_no_cache_rows(tmp_path, capsys):
-    """The tiny model's BERT variant (absolute positions) has no block cache: its table has no cache rows."""
+def test_frontier_bench_bert_variant_has_cache_rows(tmp_path, capsys):
+    """The tiny model's BERT variant (absolute positions) has the block cache too; ``--lookahead ''``
+    drops the lookahead rows."""
     out = tmp_path / "rows.json"
     bf.main(["--arch", "tiny-bert", "--train-steps", "2", "--n-val", "2", "--n-test", "2", "--batch", "2",
              "--digits", "2", "--counts", "2-3", "--gen-length", "16", "--block-length", "16", "--thresholds", "0.9",
-             "--json", str(out)])
+             "--lookahead", "", "--json", str(out)])
     data = json.loads(out.read_text())
-    assert "BertForMaskedLM" in data["note"] and not any("cache" in r["mode"] for r in data["rows"])
-    assert len(data["rows"]) == 7  # reference, early, EOS fill, early + EOS; threshold alone, + EOS, + early + EOS
+    names = [r["mode"] for r in data["rows"]]
+    assert "BertForMaskedLM" in data["note"] and "tau=0.9 + dual cache + EOS fill" in names
+    assert len(names) == 14 and not any("lookahead" in n for n in names)
 
 
 def test_frontier_modes_and_statistics():

@@ -102,6 +102,8 @@ def test_python_api_configs_validate_in_post_init():
                            (lambda: DiffuGRPOConfig(rewards={"sudok": 1.0}), "unknown reward 'sudok'"),
                            (lambda: SFTConfig(eps=0.0), "eps=0.0: must be > 0"),
                            (lambda: RolloutOptions(gen_length=10, block_length=4), "multiple of block_length=4"),
+                           (lambda: RolloutOptions(kv_cache="prefix", cache_lookahead=16), "cache_lookahead=16: only"),
+                           (lambda: RolloutOptions(kv_cache="dual", cache_lookahead=-1), "cache_lookahead=-1: must"),
                            (lambda: TaskConfig(name="nope"), "name='nope': not allowed"),
                            (lambda: RunConfig(recipe=RecipeConfig(name="grpo"), rl=SFTConfig()),
                             "rl: recipe grpo runs DiffuGRPOConfig")]:

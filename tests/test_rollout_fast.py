@@ -76,6 +76,26 @@ def test_kv_cache_exact_with_one_step_per_block_and_approximate_otherwise(policy
     assert torch.equal(out.completion_ids[first], ref.completion_ids[first])
 
 
+def test_cache_lookahead_spans_dual_to_prefix(policy, batch):
+    """``cache_lookahead`` recomputes that many positions after the block under the dual cache: 0 is
+    the dual cache, the whole rest of the completion is the prefix cache (same windows, same tokens)."""
+    ids, mask = batch
+    for threshold in (None, 0.6):
+        dual = run(policy, ids, mask, threshold=threshold, kv_cache="dual")
+        prefix = run(policy, ids, mask, threshold=threshold, kv_cache="prefix")
+        assert torch.equal(run(policy, ids, mask, threshold=threshold, kv_cache="dual", cache_lookahead=0).sequences,
+                           dual.sequences)
+        wide = run(policy, ids, mask, threshold=threshold, kv_cache="dual", cache_lookahead=24)
+        assert torch.equal(wide.sequences, prefix.sequences) and torch.equal(wide.unmask_step, prefix.unmask_step)
+        assert wide.extras["cache_lookahead"] == 24
+    mid = run(policy, ids, mask, kv_cache="dual", cache_lookahead=8)
+    assert (mid.completion_ids != MASK).all() and mid.num_forward_passes == dual.num_forward_passes
+    for bad in (dict(cache_lookahead=8), dict(kv_cache="prefix", cache_lookahead=8),
+                dict(kv_cache="dual", cache_lookahead=-1)):
+        with pytest.raises(ValueError, match="cache_lookahead="):
+            run(policy, ids, mask, **bad)
+
+
 def test_cached_window_logits_equal_full_forward_on_one_layer(one_layer, batch):
     ids, mask = batch
     model = one_layer.model
