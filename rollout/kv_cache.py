@@ -8,7 +8,10 @@ reusable once a token changes. The block cache reuses keys/values that change *s
 - later steps of the block run only the query window and overwrite that window's slice of the
   recorded keys/values; the other positions keep the block-start values:
   ``prefix``: window = current block + everything after it (prompt and earlier blocks frozen);
-  ``dual``:   window = current block only (prefix *and* masked suffix frozen).
+  ``dual``:   window = current block only (prefix *and* masked suffix frozen);
+  ``dual`` with ``cache_lookahead=L``: window = current block + the next ``L`` positions (the
+  near suffix, whose masked positions condition the block most, stays fresh; L >= the rest of
+  the completion is the prefix cache).
 
 The order of keys does not matter to bidirectional attention, and RoPE is applied before keys
 are cached, so the window is run with its true ``position_ids``. Exactness: the result equals
