@@ -7,9 +7,10 @@ up with a worked line per step (``scripts/count_up.py``: the prompt is the first
 completion the other lines and the sum, 77-221 characters, then EOS to
 ``gen_length``), checking the reference sampler's accuracy on a validation set as it goes, or
 loads ``--model PATH``. Then, on one held-out set and in one run, it decodes with every mode and
-combination (confidence threshold sweep, prefix / dual block KV cache, early commit, EOS fill;
-the vLLM backend with ``--vllm``) and prints per mode: accuracy, its change from the reference
-with the paired standard error, forward passes, tokens/s and the ratios to the reference. Modes
+combination (confidence threshold sweep, prefix / dual block KV cache, the dual cache with a
+lookahead, early commit, EOS fill; the vLLM backend with ``--vllm``) and prints per mode:
+accuracy, its change from the reference with the paired standard error, forward passes, tokens/s
+and the ratios to the reference. Modes
 run interleaved batch by batch, so load drift on a shared machine hits all of them alike.
 
     .venv/bin/python scripts/bench_frontier.py --save runs/frontier/tiny --plot docs/frontier_tiny.png
@@ -61,7 +62,7 @@ def cache_kwargs(cache: str | None) -> dict:
 
 
 def mode_name(threshold: float | None, cache: str | None, early: float | None, eos: bool, backend: str = "torch") -> str:
-    cache_part = f"{cache.replace('+', ' cache, lookahead ')}" if cache and "+" in cache else f"{cache} cache"
+    cache_part = cache.replace("+", " cache, lookahead ") if cache and "+" in cache else f"{cache} cache"
     parts = ([f"tau={threshold:g}"] if threshold is not None else []) + ([cache_part] if cache else []) \
         + ([f"early>={early:g}"] if early is not None else []) + (["EOS fill"] if eos else [])
     name = " + ".join(parts) if parts else BASELINE
@@ -314,8 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="a trained checkpoint folder (skips training)")
     ap.add_argument("--arch", choices=("tiny", "tiny-bert", "llada"), default="tiny",
-                    help="model to train without --model: the tiny model (EuroBERT blocks, RoPE: has the KV cache), "
-                         "its BERT variant (absolute positions, no cache) or LLaDA's architecture")
+                    help="model to train without --model: the tiny model (EuroBERT blocks, RoPE), its BERT "
+                         "variant (absolute positions) or LLaDA's architecture; all three have the block KV cache")
     ap.add_argument("--sizes", help="model size overrides, e.g. d_model=256,n_layers=4 (llada) or hidden_size=... (tiny)")
     ap.add_argument("--init", help="train from this checkpoint folder instead of a fresh --arch model (fresh "
                     "optimizer and schedule)")
