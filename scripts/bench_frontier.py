@@ -25,6 +25,7 @@ import itertools
 import json
 import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -342,6 +343,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--lookahead", default="16", help="dual-cache lookaheads (comma-separated positions after the "
                     "block recomputed each step: cache_lookahead); empty: none")
     ap.add_argument("--modes", choices=("core", "all"), default="core")
+    ap.add_argument("--match", help="keep only the modes whose name matches this regex (the reference always "
+                    "runs), e.g. to confirm a few modes on a fresh --seed")
     ap.add_argument("--vllm", action="store_true", help="add the vLLM backend's rows (rollout.backend=vllm)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -413,6 +416,8 @@ def main(argv: list[str] | None = None) -> None:
     modes = build_modes(thresholds, earlies, args.modes, policy.supports_kv_cache, lookaheads)
     if args.vllm:
         modes += vllm_modes(thresholds, earlies)
+    if args.match:
+        modes = [m for m in modes if m.name == BASELINE or re.search(args.match, m.name)]
     decode = Decoder(policy, args, vllm=args.vllm)
     ids, mask = encode_prompts(policy.tokenizer, [e.prompt for e in test[:4]])
     generate(policy, ids, attention_mask=mask, steps=8, gen_length=2 * args.block_length,

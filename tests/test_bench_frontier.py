@@ -99,6 +99,11 @@ def test_frontier_bench_bert_variant_has_cache_rows(tmp_path, capsys):
     names = [r["mode"] for r in data["rows"]]
     assert "BertForMaskedLM" in data["note"] and "tau=0.9 + dual cache + EOS fill" in names
     assert len(names) == 14 and not any("lookahead" in n for n in names)
+    bf.main(["--arch", "tiny-bert", "--train-steps", "2", "--n-val", "2", "--n-test", "2", "--batch", "2",
+             "--digits", "2", "--counts", "2-3", "--gen-length", "16", "--block-length", "16", "--thresholds", "0.9",
+             "--match", r"lookahead 16 \+ EOS fill$", "--json", str(out)])
+    names = [r["mode"] for r in json.loads(out.read_text())["rows"]]
+    assert names == [bf.BASELINE, "tau=0.9 + dual cache, lookahead 16 + EOS fill"]  # --match keeps the reference
 
 
 def test_frontier_modes_and_statistics():
