@@ -222,7 +222,8 @@ def goal_verdict(rows: list[dict], speed: float = 10.0, loss_pts: float = 1.0) -
                      f"+- {100 * r['se_delta']:.1f})"  # noqa: E731
     if hits:
         best = max(hits, key=lambda r: r["x_tps"])
-        return f"goal (>= {speed:g}x tokens/s at <= {loss_pts:g} point loss): MET by {len(hits)} modes; fastest: {desc(best)}"
+        return (f"goal (>= {speed:g}x tokens/s at <= {loss_pts:g} point loss): MET by {len(hits)} "
+                f"mode{'s' * (len(hits) > 1)}; fastest: {desc(best)}")
     out = f"goal (>= {speed:g}x tokens/s at <= {loss_pts:g} point loss): NOT met."
     out += f" Fastest within {loss_pts:g} point: {desc(best_ok)}." if best_ok else ""
     out += f" Most accurate at >= {speed:g}x: {desc(best_fast)}." if best_fast else f" No mode reaches {speed:g}x."
@@ -247,13 +248,15 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"none": "tab:blue", "prefix": "tab:orange", "dual": "tab:green", "vllm": "tab:purple"}
+    colours = {"none": "tab:blue", "prefix": "tab:orange", "dual": "tab:green", "dual + lookahead": "tab:red",
+               "vllm": "tab:purple"}
     markers = {(False, False): "o", (True, False): "s", (False, True): "^", (True, True): "D"}
     fig, ax = plt.subplots(figsize=(10, 6.5))
     base = rows[0]["tps"]
     front = pareto(rows)
     for r in rows:
-        kind = next((k for k in ("vllm", "dual", "prefix") if k in r["mode"]), "none")
+        kind = "dual + lookahead" if "lookahead" in r["mode"] else \
+            next((k for k in ("vllm", "dual", "prefix") if k in r["mode"]), "none")
         mk = markers[("EOS fill" in r["mode"], "early" in r["mode"])]
         ax.errorbar(r["tps"], 100 * r["acc"], yerr=100 * r["se_delta"], fmt=mk, color=colours[kind], ms=6,
                     mfc="none" if "tau" not in r["mode"] and r is not rows[0] else colours[kind], alpha=0.85,
