@@ -50,8 +50,8 @@ def test_from_pretrained_local_copy(tmp_path):
     shifted = PolicyAdapter.from_pretrained(str(tmp_path / "tiny"), logits_shifted=True)
     assert shifted.logits_shifted and shifted.supports_kv_cache  # the sampler's window starts one earlier
     assert kv_cache_support(build_tiny_policy(arch="bert")) == (True, "")
-    eager = PolicyAdapter(build_tiny_policy().model.model, mask_token_id=1)  # a trunk without an LM head
-    ok, why = kv_cache_support(eager)
+    trunk = PolicyAdapter(build_tiny_policy().model.model, mask_token_id=1)  # no LM head: not a verified class
+    ok, why = kv_cache_support(trunk)
     assert not ok and "EuroBertModel is not verified for the block cache" in why
 
 

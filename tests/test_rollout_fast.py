@@ -88,8 +88,15 @@ def test_cache_lookahead_spans_dual_to_prefix(policy, batch):
         wide = run(policy, ids, mask, threshold=threshold, kv_cache="dual", cache_lookahead=24)
         assert torch.equal(wide.sequences, prefix.sequences) and torch.equal(wide.unmask_step, prefix.unmask_step)
         assert wide.extras["cache_lookahead"] == 24
-    mid = run(policy, ids, mask, kv_cache="dual", cache_lookahead=8)
+    widths = []  # query window width of every forward: the block + 8 positions, cut at the sequence end
+    hook = policy.model.get_input_embeddings().register_forward_hook(lambda m, inp, out: widths.append(inp[0].shape[1]))
+    try:
+        mid = run(policy, ids, mask, kv_cache="dual", cache_lookahead=8)
+    finally:
+        hook.remove()
+    P = ids.shape[1]
     assert (mid.completion_ids != MASK).all() and mid.num_forward_passes == dual.num_forward_passes
+    assert widths == [w for k in range(4) for w in [P + 32] + [8 + min(8, 24 - 8 * k)] * 3]
     for bad in (dict(cache_lookahead=8), dict(kv_cache="prefix", cache_lookahead=8),
                 dict(kv_cache="dual", cache_lookahead=-1)):
         with pytest.raises(ValueError, match="cache_lookahead="):
