@@ -13,16 +13,17 @@ reusable once a token changes. The block cache reuses keys/values that change *s
   near suffix, whose masked positions condition the block most, stays fresh; L >= the rest of
   the completion is the prefix cache).
 
-The order of keys does not matter to bidirectional attention, and RoPE is applied before keys
-are cached, so the window is run with its true ``position_ids``. Exactness: the result equals
+The order of keys does not matter to bidirectional attention, and positions (RoPE, or BERT's
+absolute embeddings) are applied before keys are cached, so the window is run with its true
+``position_ids``. Exactness: the result equals
 the uncached sampler when frozen keys/values cannot change within a block, e.g. a 1-layer model
 (layer-0 keys depend only on each token, and frozen tokens do not change), or one step per
 block; for deeper models both caches are approximations (see docs/models.md).
 
 Supported: HF models whose attention calls ``past_key_values.update(k, v, layer_idx)`` on a
 transformers ``Cache`` passed through ``forward(..., past_key_values=, position_ids=)`` and
-whose mask builder passes a prepared 4D mask through: the built-in EuroBERT model and our LLaDA
-and Dream (:mod:`rollout.models`). For a shifted model (Dream: position i predicts token i + 1)
+whose mask builder passes a prepared 4D mask through: the built-in tiny model in both
+architectures (EuroBERT; BERT with transformers >= 5) and our LLaDA and Dream (:mod:`rollout.models`). For a shifted model (Dream: position i predicts token i + 1)
 the query window starts one position before the block, so every block position gets its logits.
 """
 
