@@ -23,8 +23,9 @@ block; for deeper models both caches are approximations (see docs/models.md).
 Supported: HF models whose attention calls ``past_key_values.update(k, v, layer_idx)`` on a
 transformers ``Cache`` passed through ``forward(..., past_key_values=, position_ids=)`` and
 whose mask builder passes a prepared 4D mask through: the built-in tiny model in both
-architectures (EuroBERT; BERT with transformers >= 5) and our LLaDA and Dream (:mod:`rollout.models`). For a shifted model (Dream: position i predicts token i + 1)
-the query window starts one position before the block, so every block position gets its logits.
+architectures (EuroBERT; BERT with transformers >= 5) and our LLaDA and Dream
+(:mod:`rollout.models`). For a shifted model (Dream: position i predicts token i + 1) the query
+window starts one position before the block, so every block position gets its logits.
 """
 
 from __future__ import annotations
