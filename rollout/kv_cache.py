@@ -15,10 +15,10 @@ reusable once a token changes. The block cache reuses keys/values that change *s
 
 The order of keys does not matter to bidirectional attention, and positions (RoPE, or BERT's
 absolute embeddings) are applied before keys are cached, so the window is run with its true
-``position_ids``. Exactness: the result equals
-the uncached sampler when frozen keys/values cannot change within a block, e.g. a 1-layer model
-(layer-0 keys depend only on each token, and frozen tokens do not change), or one step per
-block; for deeper models both caches are approximations (see docs/models.md).
+``position_ids``. Exactness: the result equals the uncached sampler when frozen keys/values
+cannot change within a block, e.g. a 1-layer model (layer-0 keys depend only on each token, and
+frozen tokens do not change), or one step per block; for deeper models both caches are
+approximations (see docs/models.md).
 
 Supported: HF models whose attention calls ``past_key_values.update(k, v, layer_idx)`` on a
 transformers ``Cache`` passed through ``forward(..., past_key_values=, position_ids=)`` and
