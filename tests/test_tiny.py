@@ -77,7 +77,8 @@ def test_unknown_arch_is_one_clear_error():
         build_tiny_model(arch="gpt")
 
 
-def test_bert_variant_has_no_block_cache():
-    assert not build_tiny_policy(arch="bert").supports_kv_cache
+def test_both_variants_have_the_block_cache():
+    """BERT's encoder writes to a given transformers Cache (transformers >= 5; exactness in test_rollout_fast)."""
+    assert build_tiny_policy(arch="bert").supports_kv_cache
     assert build_tiny_policy(arch="eurobert").supports_kv_cache
     assert isinstance(build_tiny_policy(arch="bert"), PolicyAdapter)
