@@ -2,13 +2,16 @@
 list[float | None]``, called with keywords as TRL's GRPOTrainer calls them; a registry
 (`get_reward`, `register_reward`), weighted composition (`compose`, `compose_funcs`), verifiers (math, GSM8K, Countdown, Sudoku) and the code-execution sandbox.
 
-Registered names: math, gsm8k, format_strict, format_soft, xml_count, countdown, sudoku, code.
+Registered names: math, gsm8k, format_strict, format_soft, xml_count, countdown, sudoku, code, and
+d1's own rewards, equal to d1's functions quirks included (`rewards.d1`, docs/d1.md): d1_xmlcount,
+d1_soft_format, d1_strict_format, d1_int, d1_gsm8k, d1_math, d1_math_format, d1_countdown, d1_sudoku.
 This package never imports torch.
 """
 
 from rewards.code import CodeReward
 from rewards.compose import ComposedReward, RewardOutput, compose, compose_funcs, reward_inputs
 from rewards.countdown import countdown_reward
+from rewards.d1 import D1_REWARDS
 from rewards.format import format_soft, format_strict, xml_count
 from rewards.gsm8k import gsm8k_reward
 from rewards.math import MathReward
@@ -24,6 +27,9 @@ register_reward("xml_count", plain_text=True)(xml_count)
 register_reward("countdown", plain_text=True)(countdown_reward)
 register_reward("sudoku", plain_text=True)(sudoku_reward)
 register_reward("code", factory=True, plain_text=True)(CodeReward)
+# d1's rewards, equal to d1's functions (rewards/d1.py; D1_REWARDS is their one list)
+for _name, _fn in D1_REWARDS.items():
+    register_reward(_name, plain_text=True)(_fn)
 
 __all__ = ["ComposedReward", "RewardOutput", "compose", "compose_funcs", "reward_inputs", "get_reward", "register_reward", "registered_rewards",
            "CodeReward", "MathReward", "gsm8k_reward", "format_strict", "format_soft", "xml_count",
