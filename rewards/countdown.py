@@ -1,10 +1,15 @@
 """Countdown: combine the given numbers with + - * / to reach a target (TinyZero / d1 task).
 
-Reward (columns ``nums``, ``target``): the expression in the last ``<answer>...</answer>``
-(an optional ``= target`` suffix is ignored) is parsed with `ast` and evaluated by walking the
-tree over exact fractions (no ``eval``). 1.0 if it uses every given number exactly once and
-equals the target; 0.1 if it is a well-formed arithmetic expression that does not; 0.0 if
-there is no answer or it is not arithmetic.
+Reward (columns ``nums``, ``target``). The answer is the last ``<answer>...</answer>`` (a last
+``<answer>`` left open runs to the end of the completion); inside it, its last ``\\boxed{...}`` if
+it holds one (d1's prompt asks for ``<answer>\\boxed{expr}</answer>``). A completion without any
+``<answer>`` tag answers with its last ``\\boxed{...}``, if any. An optional ``= target`` suffix is
+ignored; LaTeX math delimiters (``$``, ``\\(``, ``\\[``), ``\\left``/``\\right``, braces and the
+operators ``\\times``, ``\\cdot``, ``\\div``, ``\\frac{a}{b}`` (and ``×``, ``÷``, ``−``) are read
+as arithmetic. The expression is parsed with `ast` and evaluated by walking the tree over exact
+fractions (no ``eval``). 1.0 if it uses every given number exactly once and equals the target;
+0.1 if it is a well-formed arithmetic expression that does not; 0.0 if there is no answer or it
+is not arithmetic.
 """
 
 from __future__ import annotations
@@ -14,9 +19,16 @@ import random
 import re
 from collections import Counter
 from fractions import Fraction
+from rewards.math import last_boxed
 from rewards.registry import require_columns
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")  # innermost \frac{a}{b}
+# LaTeX spellings of the four operations and of grouping, as plain arithmetic
+_LATEX = [(r"\times", "*"), (r"\cdot", "*"), (r"\ast", "*"), (r"\div", "/"), (r"\left", ""), (r"\right", ""),
+          (r"\(", ""), (r"\)", ""), (r"\[", ""), (r"\]", ""), (r"\,", " "), (r"\;", " "), (r"\!", ""),
+          (r"\ ", " "), ("$", ""), ("{", "("), ("}", ")"), ("×", "*"), ("·", "*"), ("÷", "/"), ("−", "-"),
+          ("–", "-")]
 _OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
         ast.Div: lambda a, b: a / b}
 MAX_EXPR_CHARS = 200
@@ -44,7 +56,9 @@ def _walk(node: ast.AST, used: list[int]) -> Fraction:
 def evaluate(expr: str) -> tuple[Fraction | None, list[int]]:
     """Value (None on division by zero) and the integer literals of an arithmetic expression;
     raises ValueError if `expr` is not made of integers, + - * /, and parentheses."""
-    expr = expr.replace("×", "*").replace("÷", "/").replace("−", "-").strip()
+    if len(expr) > 8 * MAX_EXPR_CHARS:  # too long to be an answer even in LaTeX
+        raise _NotArithmetic("length")
+    expr = latex_to_arithmetic(expr)
     if len(expr) > MAX_EXPR_CHARS or not expr:
         raise _NotArithmetic("length")
     try:
@@ -58,11 +72,34 @@ def evaluate(expr: str) -> tuple[Fraction | None, list[int]]:
         return None, used
 
 
-def score_countdown(completion: str, nums: list[int], target: int) -> float:
+def latex_to_arithmetic(expr: str) -> str:
+    """``\\frac{a}{b}`` -> ``(a)/(b)``, LaTeX operators/delimiters -> Python arithmetic (see module doc)."""
+    for _ in range(MAX_EXPR_CHARS):
+        expr, n = _FRAC.subn(r"((\1)/(\2))", expr)
+        if not n:
+            break
+    for latex, plain in _LATEX:
+        expr = expr.replace(latex, plain)
+    return expr.strip().rstrip(".").strip()
+
+
+def answer_expression(completion: str) -> str | None:
+    """The expression a completion answers with (see module doc), or None."""
     tags = _ANSWER_TAG.findall(completion)
-    if not tags:
+    if tags:
+        span = tags[-1]
+    elif "<answer>" in completion:  # the last answer tag was never closed
+        span = completion.rsplit("<answer>", 1)[1]
+    else:
+        return last_boxed(completion)
+    boxed = last_boxed(span)
+    return boxed if boxed is not None else span
+
+
+def score_countdown(completion: str, nums: list[int], target: int) -> float:
+    expr = answer_expression(completion)
+    if expr is None:
         return 0.0
-    expr = tags[-1].strip()
     if "=" in expr:
         expr = expr.split("=")[0]
     try:

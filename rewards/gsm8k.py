@@ -1,9 +1,13 @@
 """GSM8K reward: exact numeric match of the final answer (Cobbe et al. 2021, ``#### N`` format).
 
-The completion's final answer is taken from, in order: the last ``<answer>...</answer>``, the
-text after the last ``####``, the last ``\\boxed{}``, else the whole completion; within the
-chosen span the *last* number counts. Commas, ``$``, units and trailing ``.00`` are handled by
-comparing numbers as exact fractions ("1,234.00 dollars" == "1234").
+The completion's final answer is taken from, in order: the last ``<answer>...</answer>`` (a last
+``<answer>`` left open runs to the end; its last ``\\boxed{}`` if that holds a number, else its
+text), the text after the last ``####``, the last ``\\boxed{}``, else the whole completion;
+within the chosen span the *last* number counts. An answer tag without a number (empty, or the
+template's ``\\boxed{...}``) defers to a ``####`` or ``\\boxed{}`` with a number elsewhere, and
+otherwise answers nothing (it never falls back to the last number of the reasoning).
+Commas, ``$``, units, ``\\frac{a}{b}`` and trailing ``.00`` are handled by comparing numbers as
+exact fractions ("1,234.00 dollars" == "1234").
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from rewards.math import last_boxed
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 # a number: optional sign, digits with optional thousands commas, optional decimals, or a fraction a/b
+_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*(-?[\d.,]+)\s*\}\s*\{\s*(-?[\d.,]+)\s*\}")
 _NUMBER = re.compile(r"(?<![\w.])[-−]?\s?\$?\s?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:\s?/\s?\d+(?:\.\d+)?)?|(?<![\w.])[-−]?\.\d+")
 
 
@@ -30,7 +35,9 @@ def _to_fraction(tok: str) -> Fraction | None:
 
 
 def last_number(text: str) -> Fraction | None:
-    """The last number in `text` as an exact fraction (commas, ``$``, ``-`` and ``a/b`` understood)."""
+    """The last number in `text` as an exact fraction (commas, ``$``, ``-``, ``a/b`` and
+    ``\\frac{a}{b}`` understood)."""
+    text = _FRAC.sub(lambda m: f" {m[1].replace(',', '')}/{m[2].replace(',', '')} ", text)
     for tok in reversed(_NUMBER.findall(text)):
         f = _to_fraction(tok)
         if f is not None:
@@ -38,11 +45,36 @@ def last_number(text: str) -> Fraction | None:
     return None
 
 
+def _last_numbered_box(text: str) -> str | None:
+    """Content of the last ``\\boxed{}`` of `text` that holds a number."""
+    while True:
+        boxed = last_boxed(text)
+        if boxed is None:
+            return None
+        if last_number(boxed) is not None:
+            return boxed
+        cut = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+        if cut < 0:
+            return None
+        text = text[:cut]
+
+
 def answer_span(text: str) -> str:
     """The span of a completion that holds its final answer (see module doc for the order)."""
     tags = _ANSWER_TAG.findall(text)
     if tags:
-        return tags[-1]
+        span = tags[-1]
+        boxed = last_boxed(span)
+        if boxed is not None and last_number(boxed) is not None:
+            return boxed
+        if last_number(span) is not None:
+            return span
+        # an answer tag without a number (empty, or the template's "\boxed{...}"): only an explicit
+        # final answer elsewhere counts, never the last number of the reasoning
+        if "####" in text and last_number(text.rsplit("####", 1)[1]) is not None:
+            return text.rsplit("####", 1)[1]
+        boxed = _last_numbered_box(text)
+        return boxed if boxed is not None else span
     if "####" in text:
         return text.rsplit("####", 1)[1]
     boxed = last_boxed(text)

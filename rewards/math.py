@@ -2,9 +2,12 @@
 
 Answer extraction (completion): inside the last ``<answer>...</answer>`` if present (its last
 ``\\boxed{}`` if it holds one, else its text), else the last ``\\boxed{}``/``\\fbox{}`` of the
-completion, else math-verify's own extraction over the whole completion. Gold (column
-``answer``): a bare LaTeX answer, or a solution whose last ``\\boxed{}`` is the answer; it is
-parsed first, as math-verify expects (``verify(gold, pred)``).
+completion, else math-verify's own extraction over the whole completion. An empty answer tag
+(or ``\\boxed{}``) answers with a non-empty ``\\boxed{}`` elsewhere if any, else nothing (0).
+Gold (column ``answer``): a bare LaTeX answer, or a solution whose last ``\\boxed{}`` is the
+answer; it is parsed first, as math-verify expects (``verify(gold, pred)``). A trailing percent
+sign is dropped from both (``10\\%`` == ``10``, as in MATH's own normalizer; math-verify alone
+says no).
 
 math-verify's own timeout uses SIGALRM, which only works on a main thread (verl once scored
 everything 0 because of this). Here each item runs on the main thread of a `TimeoutPool`
@@ -52,13 +55,23 @@ def last_boxed(text: str) -> str | None:
 
 
 def extract_answer(completion: str) -> str | None:
-    """The answer string of a completion, or None (then math-verify searches the whole text)."""
+    """The answer string of a completion; ``""`` if it answers nothing (an empty answer tag or
+    box); None if it has neither tag nor box (then math-verify searches the whole text)."""
     tags = _ANSWER_TAG.findall(completion)
     if tags:
         inner = tags[-1]
         boxed = last_boxed(inner)
-        inner = boxed if boxed is not None else inner.strip()
-        return inner or None
+        inner = (boxed if boxed is not None else inner).strip()
+        if inner:
+            return inner
+        # an empty answer tag (or the template's empty box): a non-empty box elsewhere answers,
+        # never math-verify's pick from the reasoning
+        text = completion
+        while (boxed := last_boxed(text)) is not None:
+            if boxed.strip():
+                return boxed
+            text = text[:max(text.rfind("\\boxed"), text.rfind("\\fbox"))]
+        return ""
     return last_boxed(completion)
 
 
@@ -109,6 +122,15 @@ def is_pathological(s: str) -> bool:
     return False
 
 
+_PERCENT = re.compile(r"\s*(?:\\%|%|\\text\{\s*\\?%\s*\}|\\text\{\s*percent\s*\})\s*$")
+
+
+def strip_percent(s: str) -> str:
+    """`s` without a trailing percent sign (``10\\%`` -> ``10``), as MATH's normalizer compares
+    answers: a question that asks "what percent" has a bare gold such as ``10``."""
+    return _PERCENT.sub("", s)
+
+
 def _verify_item(item: tuple[str | None, str, str, int]) -> float:
     """Worker side: 1.0 if the completion's answer is equivalent to the gold, else 0.0."""
     from math_verify import parse, verify
@@ -130,6 +152,19 @@ def _verify_item(item: tuple[str | None, str, str, int]) -> float:
     return 1.0 if verify(g, p, timeout_seconds=soft) else 0.0
 
 
+def __getattr__(name: str):
+    """``_warm_verify_item``: `_verify_item` after importing math-verify and scoring one item. The
+    worker pool loads its function by this name before it reports ready, so a fresh worker's
+    imports and parser set-up never count against the deadline of a real item."""
+    if name == "_warm_verify_item":
+        try:
+            _verify_item(("1", "", "1", 5))
+        except Exception:  # noqa: BLE001 - best effort: a real item reports the error as before
+            pass
+        return _verify_item
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 _POOLS: dict[tuple[int, float], TimeoutPool] = {}
 _POOLS_LOCK = threading.Lock()
 
@@ -138,7 +173,7 @@ def _pool(workers: int, timeout_s: float) -> TimeoutPool:
     with _POOLS_LOCK:
         key = (workers, timeout_s)
         if key not in _POOLS:
-            _POOLS[key] = TimeoutPool("rewards.math:_verify_item", workers=workers, timeout_s=timeout_s)
+            _POOLS[key] = TimeoutPool("rewards.math:_warm_verify_item", workers=workers, timeout_s=timeout_s)
         return _POOLS[key]
 
 
@@ -170,7 +205,11 @@ def score_math(completions: Sequence[str], answers: Sequence[str | None], *, wor
         if a is None:
             continue
         pred = extract_answer(c)
-        gold = gold_answer(str(a))
+        gold = strip_percent(gold_answer(str(a)))
+        pred = None if pred is None else strip_percent(pred)
+        if pred is not None and not pred.strip():  # answers nothing
+            out[i] = 0.0
+            continue
         if (pred is not None and is_pathological(pred)) or is_pathological(gold) or (pred is None and len(c) > 20_000):
             out[i] = 0.0
             continue

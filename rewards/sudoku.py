@@ -1,8 +1,25 @@
 """Sudoku 4x4: reward, validity/solve checks, and a seeded generator of unique-solution puzzles.
 
 Grids are 16-character strings, row-major, ``'0'`` = empty. Boxes are 2x2.
-The answer of a completion is the text of its last ``<answer>...</answer>`` if present, else
-the whole completion; its digits are read in order and the first 16 form the grid.
+
+Reading a completion's grid (`parse_grid`):
+
+- No answer tag at all (the tiny model's format, e.g. 16 bare digits): the digits of the whole
+  completion are read in order and the first 16 form the grid; fewer than 16 digits: no grid.
+- Otherwise the answer span is the last ``<answer>...</answer>``; a last ``<answer>`` left open
+  runs to the end of the completion; a span without digits is replaced by the text after its
+  ``</answer>`` when that has digits (a grid written after the tags); a ``</answer>`` without any
+  ``<answer>`` (the opening tag garbled) answers with the text after it if that has digits, else
+  with the block of digit-only lines just before it.
+- In an answer span, row/column labels (``Row 1:``, ``C2``), list markers (``1.``, ``-``) and
+  ``4x4`` are not cells. A grid written as 2 to 4 lines of four cells each (digits, or ``_ . * ?``
+  for a cell left empty; the last line may stop short and is read from the left) is read cell by
+  cell, rows top-down; missing rows/cells and placeholders are empty (``'0'``), so a partial grid
+  earns partial credit. Otherwise the span's digits are read in order as above (first 16; fewer:
+  no grid, since which cell a digit belongs to is then unknown).
+
+The reward credits the puzzle's empty cells filled correctly; ``sudoku_solved`` needs the exact
+solution (a grid with an empty cell never solves).
 """
 
 from __future__ import annotations
@@ -14,18 +31,80 @@ from typing import Sequence
 from rewards.registry import require_columns
 
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_DIGIT = re.compile(r"\d")
+# not cells: row/column labels, list markers, "4x4"
+_LABELS = re.compile(r"(?im)\b(?:row|col(?:umn)?|box|r|c)\s*#?\d\b\s*[:=.)-]?"  # Row 1:  col 2  R3  C4
+                     r"|^\s*(?:\d[.)]|[-\u2022])\s+"  # list markers "1." "2)" "-" at a line start
+                     r"|\b\d\s*[x\u00d7]\s*\d\b")  # 4x4
+_PLACEHOLDER = "_.*?"
+_CELL = re.compile(r"\d|[_?]|(?<![^\s|,;\[(])[.*](?![^\s|,;\])])")  # a digit, _ or ?, or a standalone . or *
 _UNITS = ([[r * 4 + c for c in range(4)] for r in range(4)]
           + [[r * 4 + c for r in range(4)] for c in range(4)]
           + [[(br + r) * 4 + bc + c for r in range(2) for c in range(2)] for br in (0, 2) for bc in (0, 2)])
 _PEERS = [sorted({j for u in _UNITS if i in u for j in u} - {i}) for i in range(16)]
 
 
-def parse_grid(completion: str) -> str | None:
-    """The first 16 digits of the completion's answer span, or None if it has fewer."""
-    tags = _ANSWER_TAG.findall(completion)
-    span = tags[-1] if tags else completion
-    digits = re.findall(r"\d", span)
+def _first16(text: str) -> str | None:
+    digits = _DIGIT.findall(text)
     return "".join(digits[:16]) if len(digits) >= 16 else None
+
+
+def _trailing_grid_block(text: str) -> str:
+    """The consecutive lines at the end of `text` that hold digits and no letters."""
+    block: list[str] = []
+    for line in reversed(text.splitlines()):
+        if not line.strip() and not block:
+            continue
+        if not _DIGIT.search(line) or re.search(r"[A-Za-z]", line):
+            break
+        block.append(line)
+    return "\n".join(reversed(block))
+
+
+def answer_span(completion: str) -> str | None:
+    """The part of a tagged completion that holds its grid (see module doc); None without tags."""
+    tags = _ANSWER_TAG.findall(completion)
+    if tags:
+        span = tags[-1]
+        if not _DIGIT.search(span):
+            after = completion.rsplit("</answer>", 1)[1]
+            return after if _DIGIT.search(after) else span
+        return span
+    if "<answer>" in completion:  # the last answer tag was never closed
+        return completion.rsplit("<answer>", 1)[1]
+    if "</answer>" in completion:  # closed but never (recognizably) opened
+        before, after = completion.rsplit("</answer>", 1)
+        return after if _DIGIT.search(after) else _trailing_grid_block(before)
+    return None
+
+
+def _rows_grid(span: str) -> str | None:
+    """The grid of a span written as 2-4 lines of four cells each (the last line may stop short),
+    else None."""
+    rows = []
+    for line in span.splitlines():
+        if re.search(r"[A-Za-z]", line):
+            return None
+        cells = _CELL.findall(line)
+        if not any(ch.isdigit() for ch in cells):
+            continue  # a blank line, a fence, a |---|---| rule
+        if len(cells) > 4 or (rows and len(rows[-1]) < 4):
+            return None
+        rows.append("".join("0" if ch in _PLACEHOLDER else ch for ch in cells))
+    if not 2 <= len(rows) <= 4:
+        return None
+    return "".join(r.ljust(4, "0") for r in rows).ljust(16, "0")
+
+
+def parse_grid(completion: str) -> str | None:
+    """The 16-cell grid of a completion (``'0'`` where it leaves a cell empty), or None if it
+    writes no grid (see module doc)."""
+    span = answer_span(completion)
+    if span is None:
+        return _first16(completion)
+    span = _LABELS.sub(" ", span)
+    grid = _rows_grid(span)
+    return grid if grid is not None else _first16(span)
 
 
 def _check_grid(name: str, grid: str, row: int | None = None) -> None:
