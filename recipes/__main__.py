@@ -3,7 +3,8 @@
     dllm-rl                                  # SFT then diffu-GRPO on the tiny model, Sudoku 4x4
     dllm-rl seed=1 rl.max_steps=50           # any key of the composed config
     dllm-rl recipe=eval eval.checkpoint=runs/.../rl/final eval.tasks=[sudoku4,countdown]
-    dllm-rl experiment=llada_gsm8k           # d1 on LLaDA-8B-Instruct (GPU)
+    dllm-rl experiment=llada_gsm8k           # d1 on LLaDA-8B-Instruct (GPU): SFT on s1K, GRPO on GSM8K, d1's eval
+    dllm-rl task=gsm8k task@sft_task=s1k     # each stage its own task (validation and test: the RL task)
     dllm-rl --cfg [overrides]                # print the composed config and exit
     dllm-rl --help
 
@@ -25,7 +26,7 @@ def _help() -> str:
     for g in GROUPS:
         lines.append(f"  {g:<12} {', '.join(group_options(g))}")
     lines.append("\nTop-level keys: run_dir, seed, resume, device, logger.wandb.mode, sft.*, rl.*, "
-                 "task.*, model.*, rollout.*, recipe.*, eval.* (see --cfg)")
+                 "task.*, sft_task.*, model.*, rollout.*, recipe.*, eval.* (see --cfg)")
     return "\n".join(lines)
 
 

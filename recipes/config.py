@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from recipes.schema import CONFIG_DIR, ConfigError, RunConfig, register
 
-GROUPS = ("model", "task", "rollout", "recipe", "experiment", "trainer@sft", "trainer@rl")
+GROUPS = ("model", "task", "task@sft_task", "rollout", "recipe", "experiment", "trainer@sft", "trainer@rl")
 
 
 def group_options(group: str) -> list[str]:
@@ -79,7 +79,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 
 
 # Free-form dict fields: their entries may be set without Hydra's "+" (model.tiny.hidden_size=64).
-OPEN_DICTS = ("model.tiny", "task.columns", "task.rewards", "eval.modes", "sft.estimator_options",
+OPEN_DICTS = ("model.tiny", "task.columns", "task.rewards", "sft_task.columns", "sft_task.rewards", "eval.modes", "sft.estimator_options",
               "rl.estimator_options", "rl.rewards")
 
 

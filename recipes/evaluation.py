@@ -1,10 +1,18 @@
 """Evaluation building blocks: generate completions for a task split, score them, and the
-``eval`` recipe's results table (markdown + JSON) over tasks x generation lengths x rollout modes."""
+``eval`` recipe's results table (markdown + JSON) over tasks x generation lengths x rollout modes.
+
+Protocols (``eval.protocol``, :data:`recipes.schema.EVAL_PROTOCOLS`): ``ours`` scores with the task's verifiers;
+``d1`` is d1's evaluation (``eval/eval.py`` + ``eval/parse_and_get_acc.py``): d1's evaluation
+prompts (``prompt_style=d1_eval``), greedy low-confidence decoding at 128/256/512 tokens, blocks of
+32, steps = length / 2, the prompt tokenized with the tokenizer's special tokens, every generation
+written in d1's JSON layout (so d1's own parser reads our files), and scored twice: by our
+verifiers (``accuracy``) and by d1's parse rules (``d1_accuracy``, rewards/d1.py)."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from pathlib import Path
 
@@ -57,6 +65,75 @@ def evaluate_rows(policy, task: Task, rows: list[dict], ro: RolloutOptions, *, b
             f"{prefix}seconds": time.perf_counter() - t0}
 
 
+# ---- d1's evaluation protocol --------------------------------------------------------------------
+
+
+
+def d1_ground_truth(kind: str, row: dict):
+    """What d1's evaluation stores as ``ground_truth`` for a row of our task: GSM8K the float after
+    ``####`` (``Parser.extract_answer_gsm8k``; None where its pattern fails, e.g. a negative answer),
+    MATH-500 the answer string, Countdown ``[numbers, target]``, Sudoku the solution string."""
+    if kind == "gsm8k":
+        m = re.search(r"####\s*\$?([\d,]+(?:\.\d+)?)", f"#### {row['answer']}")
+        return float(m.group(1).replace(",", "")) if m else None
+    if kind == "math":
+        return str(row["answer"])
+    if kind == "countdown":
+        return [[int(n) for n in row["nums"]], int(row["target"])]
+    return str(row["solution"])
+
+
+@torch.no_grad()
+def evaluate_rows_d1(engine: RolloutEngine, task: Task, rows: list[dict], ro: RolloutOptions, *, batch_size: int,
+                     seed: int, out_file: Path | None = None, meta: dict | None = None) -> dict[str, float]:
+    """:func:`evaluate_rows` plus d1's verdicts: each rank writes its generations in d1's layout to
+    ``out_file`` (``{rank}`` in the name is filled in) and ``d1_accuracy`` is d1's number (Sudoku:
+    correct cells / empty cells, over every row)."""
+    from rewards.d1 import d1_eval_item, d1_eval_record
+    from rl.tasks.d1 import D1_TASKS, eval_question
+
+    kind = D1_TASKS[task.name]
+    rank, world = _world()
+    mine = rows[rank::world]
+    tok = engine.adapter.tokenizer
+    t0 = time.perf_counter()
+    g = torch.Generator(device=next(engine.adapter.parameters()).device)
+    g.manual_seed(seed)
+    texts, raw, passes = [], [], 0
+    for i in range(0, len(mine), batch_size):
+        out = engine.generate([r["prompt"] for r in mine[i:i + batch_size]], options=ro, generator=g)
+        texts += out.decode(tok)
+        raw += tok.batch_decode(out.completion_ids.tolist(), skip_special_tokens=False)  # d1: the whole canvas
+        passes += out.num_forward_passes
+    correct = sum(task.correct(mine, texts)) if mine else 0
+    reward = float(sum(task.score(mine, texts).total)) if mine else 0.0
+    items = [d1_eval_record(kind, eval_question(kind, r), text, d1_ground_truth(kind, r)) for r, text in zip(mine, raw)]
+    verdicts = [d1_eval_item(kind, item) for item in items]
+    if kind == "sudoku":
+        num, den = sum(v["correct_cells"] for v in verdicts), sum(v["empty_cells"] for v in verdicts)
+    else:
+        num, den = sum(bool(v["is_correct"]) for v in verdicts), len(verdicts)
+    seconds = time.perf_counter() - t0
+    if out_file is not None:
+        path = Path(str(out_file).format(rank=rank))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"generations": items, "metrics": {"wall_time": seconds, "total_processed": len(items)},
+                                    **(meta or {})}, indent=2))
+    batches = -(-len(mine) // batch_size)
+    stats = D.all_reduce_sum([correct, len(mine), reward, passes, batches, num, den])
+    n = max(stats[1].item(), 1.0)
+    return {"accuracy": stats[0].item() / n, "reward": stats[2].item() / n, "num_examples": stats[1].item(),
+            "forward_passes": stats[3].item() / max(stats[4].item(), 1.0), "seconds": seconds,
+            "d1_accuracy": stats[5].item() / max(stats[6].item(), 1.0)}
+
+
+def d1_rollout(base: RolloutOptions) -> RolloutOptions:
+    """What d1's evaluation fixes beyond the lengths: greedy, low-confidence remasking, no CFG,
+    prompts tokenized with the tokenizer's special tokens."""
+    return dataclasses.replace(base, temperature=0.0, remasking="low_confidence", cfg_scale=0.0,
+                               prompt_special_tokens=True)
+
+
 # ---- the eval recipe's table ---------------------------------------------------------------------
 
 def eval_rollouts(base: RolloutOptions, gen_lengths: list[int], block_length: int, steps_per_token: float,
@@ -84,11 +161,14 @@ def write_results(results: list[dict], run_dir: Path, title: str) -> tuple[Path,
     run_dir.mkdir(parents=True, exist_ok=True)
     js = run_dir / "results.json"
     js.write_text(json.dumps(results, indent=2))
-    lines = [f"# {title}", "", "| task | gen_length | block | steps | mode | accuracy | mean reward | n | "
-             "forward passes / batch | seconds |", "|---|---|---|---|---|---|---|---|---|---|"]
+    d1 = any("d1_accuracy" in r for r in results)
+    lines = [f"# {title}", "", "| task | gen_length | block | steps | mode | accuracy |" + (" d1's parser |" if d1 else "")
+             + " mean reward | n | forward passes / batch | seconds |", "|---|---|---|---|---|---|" + ("---|" if d1 else "")
+             + "---|---|---|---|"]
     for r in results:
+        d1_cell = f" {100 * r['d1_accuracy']:.1f}% |" if "d1_accuracy" in r else (" - |" if d1 else "")
         lines.append(f"| {r['task']} | {r['gen_length']} | {r['block_length']} | {r['steps']} | {r['mode']} | "
-                     f"{100 * r['accuracy']:.1f}% | {r['reward']:.3f} | {int(r['num_examples'])} | "
+                     f"{100 * r['accuracy']:.1f}% |{d1_cell} {r['reward']:.3f} | {int(r['num_examples'])} | "
                      f"{r['forward_passes']:.0f} | {r['seconds']:.1f} |")
     md = run_dir / "results.md"
     md.write_text("\n".join(lines) + "\n")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -24,17 +25,18 @@ from pathlib import Path
 import torch
 
 from recipes import report
-from recipes.evaluation import eval_rollouts, evaluate_rows, write_results
+from recipes.evaluation import d1_rollout, eval_rollouts, evaluate_rows, evaluate_rows_d1, write_results
 from recipes.preflight import check_eval, check_training
-from recipes.schema import RECIPES, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, TaskConfig, UnmaskOrderConfig
+from recipes.schema import RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, TaskConfig, UnmaskOrderConfig
 from rl.tasks import Task, build_task
+from rl.tasks.d1 import D1_GEN_LENGTHS, D1_TASKS
 from rl.tracking import run_context
 from rollout import PolicyAdapter, build_tiny_policy
 from rollout.engine import RolloutEngine, build_rollout_engine
 
 STAGE_DIRS = {"sft": "sft", "rl": "rl"}
-OWNED_OUTPUTS = ("sft", "rl", "final", "metrics.jsonl", "summary.json", "reward_curve.png", "results.md",
-                 "results.json", "wandb_group.txt")
+OWNED_OUTPUTS = ("sft", "rl", "eval", "final", "metrics.jsonl", "summary.json", "reward_curve.png", "results.md",
+                 "results.json", "generations", "wandb_group.txt")
 
 
 # ---- building blocks -----------------------------------------------------------------------------
@@ -45,19 +47,44 @@ def target_device(cfg: RunConfig) -> torch.device:
     return torch.device("cpu") if cfg.device == "cpu" else device()
 
 
-def build_policy(cfg: RunConfig, path: str | Path | None = None) -> PolicyAdapter:
-    """The policy of the model group, or the HF checkpoint at ``path`` (a stage's output)."""
+def build_policy(cfg: RunConfig, path: str | Path | None = None, *, load_in_4bit: bool = False) -> PolicyAdapter:
+    """The policy of the model group, or the HF checkpoint at ``path`` (a stage's output);
+    ``load_in_4bit``: QLoRA's frozen base (:func:`quantization_config`)."""
     m = cfg.model
     path = path or m.path
     if path is None:
+        if load_in_4bit:
+            raise ConfigError("lora.load_in_4bit: the built-in tiny model is built in code, not loaded; 4-bit "
+                              "loading needs a checkpoint (model.path=<dir>)")
         policy = build_tiny_policy(seed=cfg.seed, **dict(m.tiny))
-    else:
-        # llada / dream force the logit convention; otherwise the checkpoint's model_type decides
-        shifted = {"dream": True, "llada": False}.get(m.family)
-        dtype = None if m.dtype == "float32" else m.dtype
-        policy = PolicyAdapter.from_pretrained(str(path), mask_token_id=m.mask_token_id, logits_shifted=shifted,
-                                               dtype=dtype, trust_remote_code=m.trust_remote_code)
-    return policy.to(target_device(cfg))
+        return policy.to(target_device(cfg))
+    # llada / dream force the logit convention; otherwise the checkpoint's model_type decides
+    shifted = {"dream": True, "llada": False}.get(m.family)
+    dtype = m.dtype  # as asked: transformers 5 would otherwise load the checkpoint's own dtype
+    extra = {}
+    if load_in_4bit:  # bitsandbytes places the quantized weights itself
+        extra = {"quantization_config": quantization_config(), "device_map": {"": target_device(cfg)}}
+        dtype = "bfloat16"
+    policy = PolicyAdapter.from_pretrained(str(path), mask_token_id=m.mask_token_id, logits_shifted=shifted,
+                                           dtype=dtype, trust_remote_code=m.trust_remote_code, **extra)
+    return policy if load_in_4bit else policy.to(target_device(cfg))
+
+
+def quantization_config():
+    """d1's 4-bit loading (``diffu_grpo_train.py``): bitsandbytes NF4, double quantization, bf16 compute."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("lora.load_in_4bit: bitsandbytes is not installed (pip install -e .[qlora])") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_use_double_quant=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def stage_policy(cfg: RunConfig, stage_cfg, init: Path | None) -> PolicyAdapter:
+    """The policy a training stage starts from (4-bit when its LoRA options say so)."""
+    return build_policy(cfg, init, load_in_4bit=bool(getattr(stage_cfg.lora, "load_in_4bit", False)))
 
 
 def make_val_fn(cfg: RunConfig, task: Task, stage_dir: Path, rollouts: RolloutEngine, *, prefix: str = "eval/val_"):
@@ -116,29 +143,32 @@ def _stage_config(trainer_cfg, stage_dir: Path):
 
 # ---- stages --------------------------------------------------------------------------------------
 
-def run_sft(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None) -> dict:
+def run_sft(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None, data: Task | None = None) -> dict:
+    """Masked SFT on ``data``'s labelled rows (the SFT stage's own task, e.g. s1K; default: ``task``),
+    its eval loss on ``data``'s validation rows; validation accuracy and test on ``task``."""
     from rl.sft import SFTTrainer
 
+    data = data or task
     stage_dir = run_dir / STAGE_DIRS["sft"]
-    rows = task.rows("sft")
+    rows = data.rows("sft")
     if not rows:
-        raise ValueError(f"task {task.name!r} has no labelled rows for SFT (task.num_sft / the data's responses)")
-    policy = build_policy(cfg, init)
+        raise ValueError(f"task {data.name!r} has no labelled rows for SFT (task.num_sft / the data's responses)")
+    policy = stage_policy(cfg, cfg.sft, init)
     t0 = time.perf_counter()
     with build_rollout_engine(cfg.rollout) as rollouts:
         val_fn = make_val_fn(cfg, task, stage_dir, rollouts)
         trainer = SFTTrainer(_stage_config(cfg.sft, stage_dir), policy, rows,
-                             eval_dataset=[r for r in task.rows("val") if "response" in r], eval_fn=val_fn,
+                             eval_dataset=[r for r in data.rows("val") if "response" in r], eval_fn=val_fn,
                              rollouts=rollouts)
         last = trainer.train()
     return _finish_stage(cfg, task, stage_dir, last, time.perf_counter() - t0, val_fn)
 
 
-def run_grpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None) -> dict:
+def run_grpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None, data: Task | None = None) -> dict:
     from rl.grpo import DiffuGRPOTrainer
 
     stage_dir = run_dir / STAGE_DIRS["rl"]
-    policy = build_policy(cfg, init)
+    policy = stage_policy(cfg, cfg.rl, init)
     t0 = time.perf_counter()
     with build_rollout_engine(cfg.rollout) as rollouts:  # GRPO's samples (rl.rollout options) and validation
         val_fn = make_val_fn(cfg, task, stage_dir, rollouts)
@@ -148,7 +178,7 @@ def run_grpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None
     return _finish_stage(cfg, task, stage_dir, last, time.perf_counter() - t0, val_fn)
 
 
-def run_dpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None) -> dict:
+def run_dpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None, data: Task | None = None) -> dict:
     """Diffusion DPO on pairs (best vs worst of G samples, ranked by the task's verifier) drawn
     once from the initial policy (offline DPO on self-generated data)."""
     from rl import dpo
@@ -156,7 +186,7 @@ def run_dpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None)
     from rl.trainer import seeded_generator
 
     stage_dir = run_dir / STAGE_DIRS["rl"]
-    policy = build_policy(cfg, init)
+    policy = stage_policy(cfg, cfg.rl, init)
     base = cfg.rl
     dpo_cfg = base if isinstance(base, dpo.DPOConfig) else dpo.DPOConfig(
         **{f.name: getattr(base, f.name) for f in dataclasses.fields(base)})
@@ -178,12 +208,13 @@ def run_dpo(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None)
     return _finish_stage(cfg, task, stage_dir, last, time.perf_counter() - t0, val_fn)
 
 
-def run_unmask_order(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None) -> dict:
+def run_unmask_order(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = None,
+                     data: Task | None = None) -> dict:
     from recipes.unmask import train_unmask_order
 
     stage_dir = run_dir / STAGE_DIRS["rl"]
     t0 = time.perf_counter()
-    result = train_unmask_order(cfg, task, stage_dir, build_policy(cfg, init))
+    result = train_unmask_order(cfg, task, stage_dir, stage_policy(cfg, cfg.rl, init))
     return {**result, "train_wall_time_s": time.perf_counter() - t0}
 
 
@@ -229,19 +260,22 @@ def run_training(cfg: RunConfig, overrides: list[str] | None = None) -> dict:
 
     init_distributed()
     task = build_task(cfg.task)
-    check_training(cfg, task, _world_size())
+    sft_task = build_task(cfg.sft_task) if cfg.sft_task is not None else None
+    check_training(cfg, task, _world_size(), sft_task)
     run_dir = prepare_run_dir(cfg)
     _barrier()
     group = wandb_group(cfg, run_dir)
     t0 = time.perf_counter()
     summary: dict = {"recipe": cfg.recipe.name, "task": task.name, "model": cfg.model.name, "seed": cfg.seed,
                      "overrides": list(overrides or [])}
+    if sft_task is not None:
+        summary["sft_task"] = sft_task.name
     init = None
     for key, stage in PIPELINES[cfg.recipe.name]:
         if _is_main():
             print(f"[dllm-rl] stage {key} ({stage}) -> {run_dir / STAGE_DIRS[key]}", flush=True)
         with run_context(name=cfg.run_name, group=group, job_type=key, config=dataclasses.asdict(cfg)):
-            summary[key] = STAGES[stage](cfg, task, run_dir, init)
+            summary[key] = STAGES[stage](cfg, task, run_dir, init, sft_task if stage == "sft" else None)
         init = Path(summary[key]["checkpoint"])
         if _is_main():
             report.merge_metrics(run_dir, [k for k, _ in PIPELINES[cfg.recipe.name] if k in summary])
@@ -253,6 +287,9 @@ def run_training(cfg: RunConfig, overrides: list[str] | None = None) -> dict:
         final.symlink_to(init.relative_to(run_dir) if init.is_relative_to(run_dir) else init.resolve())
         if "sft" in summary and "rl" in summary:
             summary["lift"] = summary["rl"]["eval/accuracy"] - summary["sft"]["eval/accuracy"]
+    if cfg.recipe.final_eval:  # the eval table of the handed-on checkpoint (every rank generates)
+        summary["final_eval"] = run_eval(cfg, checkpoint=init, out_dir=run_dir / "eval")
+    if _is_main():
         (run_dir / "summary.json").write_text(json.dumps(report.json_safe(summary), indent=2, allow_nan=False))
         if cfg.recipe.plot:
             report.plot_curves(run_dir)
@@ -261,38 +298,63 @@ def run_training(cfg: RunConfig, overrides: list[str] | None = None) -> dict:
     return summary
 
 
-def run_eval(cfg: RunConfig) -> list[dict]:
-    """Accuracy of one checkpoint on ``eval.tasks`` x generation lengths x rollout modes."""
+def run_eval(cfg: RunConfig, *, checkpoint: str | Path | None = None, out_dir: Path | None = None) -> list[dict]:
+    """Accuracy of one checkpoint (``eval.checkpoint``, else the model group) on ``eval.tasks`` x
+    generation lengths x rollout modes, with ``eval.protocol``'s prompts and scoring; the table
+    goes to ``out_dir`` (default: ``run_dir``)."""
     from rl.engine import init_distributed
 
     init_distributed()
-    run_dir = Path(cfg.run_dir)
+    d1 = cfg.eval.protocol == "d1"
+    checkpoint = checkpoint or cfg.eval.checkpoint
+    run_dir = Path(out_dir or cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     tasks = {}
-    for name in cfg.eval.tasks:
-        task = build_task(cfg.task if name == cfg.task.name else load_task_config(name))
+    for name in cfg.eval.tasks or [cfg.task.name]:
+        task_cfg = cfg.task if name == cfg.task.name else load_task_config(name)
+        if d1:  # d1's evaluation prompts (rl/tasks/d1.py), d1's answer columns
+            task_cfg = dataclasses.replace(task_cfg, prompt_style="d1_eval")
+        task = build_task(task_cfg)
         rows = task.rows("test")
         rows = rows[:cfg.eval.num_examples] if cfg.eval.num_examples > 0 else rows
-        check_eval(cfg, task, rows)
+        check_eval(cfg, task, rows, path=checkpoint)
         tasks[name] = (task, rows)
-    policy = build_policy(cfg, cfg.eval.checkpoint).eval()
+    policy = build_policy(cfg, checkpoint).eval()
+    base = d1_rollout(cfg.rollout) if d1 else cfg.rollout
+    lengths = list(cfg.eval.gen_lengths) or (list(D1_GEN_LENGTHS) if d1 else [])
+    label = _model_label(cfg, checkpoint)
     results = []
-    with build_rollout_engine(cfg.rollout, policy) as rollouts:
+    with build_rollout_engine(base, policy) as rollouts:
         for name, (task, rows) in tasks.items():
-            for mode, ro in eval_rollouts(cfg.rollout, list(cfg.eval.gen_lengths), cfg.eval.block_length,
-                                          cfg.eval.steps_per_token, dict(cfg.eval.modes)):
-                m = evaluate_rows(rollouts, task, rows, ro, batch_size=cfg.recipe.eval_batch_size, seed=cfg.seed,
-                                  prefix="")
+            for mode, ro in eval_rollouts(base, lengths, cfg.eval.block_length, cfg.eval.steps_per_token,
+                                          dict(cfg.eval.modes)):
+                if d1:  # d1's file name: {task}_{model}_{gen_length}_{steps}_{rank}_generations.json
+                    out_file = run_dir / "generations" / (f"{D1_TASKS[name]}_{label}-{mode}_{ro.gen_length}_{ro.steps}"
+                                                          "_{rank}_generations.json")
+                    meta = {"model_path": str(cfg.model.path or cfg.model.name), "checkpoint_path": str(checkpoint or ""),
+                            "gen_length": ro.gen_length, "diffusion_steps": ro.steps, "block_length": ro.block_length}
+                    m = evaluate_rows_d1(rollouts, task, rows, ro, batch_size=cfg.recipe.eval_batch_size,
+                                         seed=cfg.seed, out_file=out_file, meta=meta)
+                else:
+                    m = evaluate_rows(rollouts, task, rows, ro, batch_size=cfg.recipe.eval_batch_size, seed=cfg.seed,
+                                      prefix="")
                 results.append({"task": name, "mode": mode, "gen_length": ro.gen_length,
-                                "block_length": ro.block_length, "steps": ro.steps, **m})
+                                "block_length": ro.block_length, "steps": ro.steps, "protocol": cfg.eval.protocol, **m})
                 if _is_main():
-                    print(f"[dllm-rl] {name} gen={ro.gen_length} mode={mode}: accuracy {100 * m['accuracy']:.1f}% "
-                          f"({int(m['num_examples'])} examples, {m['seconds']:.1f}s)", flush=True)
+                    extra = f", d1's parser {100 * m['d1_accuracy']:.1f}%" if d1 else ""
+                    print(f"[dllm-rl] {name} gen={ro.gen_length} mode={mode}: accuracy {100 * m['accuracy']:.1f}%"
+                          f"{extra} ({int(m['num_examples'])} examples, {m['seconds']:.1f}s)", flush=True)
     if _is_main():
-        ckpt = cfg.eval.checkpoint or cfg.model.path or f"{cfg.model.name} (built in, seed {cfg.seed})"
-        md, js = write_results(results, run_dir, f"dllm-rl eval: {ckpt}")
+        ckpt = checkpoint or cfg.model.path or f"{cfg.model.name} (built in, seed {cfg.seed})"
+        md, js = write_results(results, run_dir, f"dllm-rl eval ({cfg.eval.protocol} protocol): {ckpt}")
         print(f"[dllm-rl] results: {md} and {js}", flush=True)
     return results
+
+
+def _model_label(cfg: RunConfig, checkpoint) -> str:
+    """A file-name-safe model name for d1's generation files."""
+    raw = Path(str(checkpoint or cfg.model.path)).name if (checkpoint or cfg.model.path) else cfg.model.name
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", raw).strip("-") or "model"
 
 
 def load_task_config(name: str) -> TaskConfig:

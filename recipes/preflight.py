@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from recipes.schema import RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, UnmaskOrderConfig
 from rl.tasks import DataError, Task
+from rl.tasks.d1 import D1_GEN_LENGTHS
 
 POSITION_KEYS = ("max_position_embeddings", "max_sequence_length", "n_positions")
 
@@ -54,21 +55,23 @@ def token_lengths(tokenizer, texts: list, *, exact: int = 32) -> list[int]:
     return lengths
 
 
-def check_splits(cfg: RunConfig, task: Task, world_size: int = 1) -> None:
-    """The recipe's stages have rows: SFT labelled rows, RL prompts for one global batch, a test split."""
+def check_splits(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Task | None = None) -> None:
+    """The recipe's stages have rows: SFT labelled rows (from ``sft_task`` when the SFT stage has its
+    own task), RL prompts for one global batch, a test split."""
     for key, _ in RECIPES[cfg.recipe.name]:
-        if not task.has_train:
-            raise DataError(task.missing_train_message())
         stage = getattr(cfg, key)
         split = "sft" if isinstance(stage, SFTConfig) else "rl"
-        rows = task.rows(split)
+        source = sft_task if split == "sft" and sft_task is not None else task
+        if not source.has_train:
+            raise DataError(source.missing_train_message())
+        rows = source.rows(split)
         if not rows:
             what = "labelled rows (with a response)" if split == "sft" else "RL prompts"
-            raise DataError(f"task {task.name!r} has no {what} for the {key} stage ({task.source or 'its data'})")
+            raise DataError(f"task {source.name!r} has no {what} for the {key} stage ({source.source or 'its data'})")
         need = stage.per_device_batch_size * world_size  # (DPO draws pairs, built from these prompts later)
         if not isinstance(stage, DPOConfig) and len(rows) < need:
-            raise DataError(f"task {task.name!r}: {len(rows)} rows for the {key} stage, fewer than one global batch "
-                            f"({stage.per_device_batch_size} per device x {world_size} processes)")
+            raise DataError(f"task {source.name!r}: {len(rows)} rows for the {key} stage, fewer than one global "
+                            f"batch ({stage.per_device_batch_size} per device x {world_size} processes)")
     if not task.rows("test"):
         raise DataError(f"task {task.name!r}: the test split is empty ({task.source or 'its data'})")
 
@@ -77,19 +80,20 @@ def _positions_hint(cfg: RunConfig) -> str:
     return "model.tiny.max_position_embeddings=<n>" if cfg.model.path is None else "a model with more positions"
 
 
-def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple[str, list[dict], int]], *,
-                  path: str | None = None) -> None:
-    """``uses``: (split, rows, gen_length) for every way rows meet the model; gen_length 0 = SFT
-    (prompt + response, truncated at ``sft.max_length``). ConfigError naming the largest need
+def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | None = None) -> None:
+    """``uses``: (split, rows, gen_length[, max prompt tokens]) for every way rows meet the model;
+    gen_length 0 = SFT (prompt + response, truncated at ``sft.max_length``). ConfigError naming the largest need
     when any row cannot fit."""
     tokenizer, positions = model_limits(cfg, path)
     if positions is None:
         return
     worst = (0, "")
-    for split, rows, gen_length in uses:
+    for split, rows, gen_length, *cap in uses:
         if not rows:
             continue
         prompts = token_lengths(tokenizer, [r["prompt"] for r in rows])
+        if cap and cap[0]:  # GRPO keeps the last max_prompt_length tokens
+            prompts = [min(p, cap[0]) for p in prompts]
         if gen_length:
             need = max(prompts) + gen_length
             why = f"the longest {split} prompt is {max(prompts)} tokens, + gen_length={gen_length}"
@@ -97,6 +101,8 @@ def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple[str, list[dict], 
             sft = cfg.sft
             responses = tokenizer([r["response"] for r in rows], add_special_tokens=False)["input_ids"]
             need = max(min(p + max(len(r) + 1, sft.pad_response_to), sft.max_length) for p, r in zip(prompts, responses))
+            if sft.example_format == "d1":  # every row is padded to max_length
+                need = sft.max_length
             why = f"SFT examples reach {need} tokens (sft.max_length={sft.max_length})"
         worst = max(worst, (need, why))
     need, why = worst
@@ -105,23 +111,27 @@ def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple[str, list[dict], 
                           f"(set {_positions_hint(cfg)}, or shorten prompts / gen_length / sft.max_length)")
 
 
-def check_training(cfg: RunConfig, task: Task, world_size: int = 1) -> None:
-    """Everything a training recipe needs from its task before the first stage starts."""
-    check_splits(cfg, task, world_size)
+def check_training(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Task | None = None) -> None:
+    """Everything a training recipe needs from its task(s) before the first stage starts."""
+    check_splits(cfg, task, world_size, sft_task)
     uses = [("val", task.rows("val"), cfg.rollout.gen_length), ("test", task.rows("test"), cfg.rollout.gen_length)]
     for key, _ in RECIPES[cfg.recipe.name]:
         stage = getattr(cfg, key)
         if isinstance(stage, SFTConfig):
-            uses.append(("sft", task.rows("sft"), 0))
+            if sft_task is not None and sft_task is not task:
+                check_lengths(cfg, sft_task, [("sft", sft_task.rows("sft"), 0)])
+            else:
+                uses.append(("sft", task.rows("sft"), 0))
         else:
             ro = stage.rollout if isinstance(stage, (DiffuGRPOConfig, UnmaskOrderConfig)) else cfg.rollout
-            uses.append(("rl", task.rows("rl"), ro.gen_length))
+            uses.append(("rl", task.rows("rl"), ro.gen_length, getattr(stage, "max_prompt_length", None)))
     check_lengths(cfg, task, uses)
 
 
-def check_eval(cfg: RunConfig, task: Task, rows: list[dict]) -> None:
+def check_eval(cfg: RunConfig, task: Task, rows: list[dict], path: str | None = None) -> None:
     """The eval recipe on one task: test rows exist and fit at the longest evaluated length."""
     if not rows:
         raise DataError(f"task {task.name!r}: the test split is empty ({task.source or 'its data'})")
-    check_lengths(cfg, task, [("test", rows, max(list(cfg.eval.gen_lengths) or [cfg.rollout.gen_length]))],
-                  path=cfg.eval.checkpoint)
+    lengths = list(cfg.eval.gen_lengths) or ([max(D1_GEN_LENGTHS)] if cfg.eval.protocol == "d1" else
+                                             [cfg.rollout.gen_length])
+    check_lengths(cfg, task, [("test", rows, max(lengths))], path=str(path) if path else cfg.eval.checkpoint)

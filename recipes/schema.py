@@ -35,6 +35,8 @@ RECIPES: dict[str, tuple[tuple[str, type[TrainerConfig]], ...]] = {
 TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {"sft": SFTConfig, "diffu_grpo": DiffuGRPOConfig, "dpo": DPOConfig,
                                                    "unmask_order": UnmaskOrderConfig}
 MODEL_FAMILIES = ("tiny", "llada", "dream", "auto")
+# eval.protocol: ours = the task's verifiers; d1 = d1's evaluation (recipes/evaluation.py)
+EVAL_PROTOCOLS = ("ours", "d1")
 # what rollout.tiny.build_tiny_model(**overrides) may change (arch + model config fields)
 TINY_MODEL_KEYS = ("arch", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                    "intermediate_size", "max_position_embeddings", "rope_theta", "hidden_act")
@@ -128,6 +130,7 @@ class RecipeConfig:
     select_best: bool = True  # keep the stage checkpoint with the best validation accuracy
     eval_batch_size: int = 128
     plot: bool = True  # reward_curve.png in run_dir
+    final_eval: bool = False  # training recipes: then the eval table (eval.*) of the final checkpoint -> <run_dir>/eval
     # recipe=dpo: preference pairs = best vs worst of `pair_samples` policy samples per prompt
     pair_prompts: int = 512  # 0 = every RL prompt
     pair_samples: int = 8
@@ -146,16 +149,26 @@ class EvalConfig:
     """The eval recipe: accuracy of one checkpoint on several tasks, lengths and rollout modes."""
 
     checkpoint: str | None = None  # HF checkpoint dir; None = the model group's weights
-    tasks: list[str] = field(default_factory=lambda: ["sudoku4"])
+    tasks: list[str] = field(default_factory=list)  # [] = the run's task (task.name)
     gen_lengths: list[int] = field(default_factory=list)  # [] = rollout.gen_length
     block_length: int = 32  # used when gen_lengths is set
     steps_per_token: float = 0.5  # d1: steps = gen_length / 2
     num_examples: int = 0  # per task; 0 = the whole test split
     modes: dict = field(default_factory=lambda: {"baseline": {}})  # name -> rollout overrides
+    # d1: d1's prompts, lengths (default 128/256/512) and greedy decoding; generations in d1's JSON
+    # layout under <run_dir>/generations; accuracy by our verifiers and by d1's parse rules
+    protocol: str = "ours"
 
     def __post_init__(self) -> None:
         for t in self.tasks:
             check_choice("tasks[]", t, task_names())
+        check_choice("protocol", self.protocol, EVAL_PROTOCOLS)
+        if self.protocol == "d1":
+            from rl.tasks.d1 import D1_TASKS
+
+            for t in self.tasks:
+                if t not in D1_TASKS:
+                    raise ConfigError(f"tasks[]={t!r}: protocol=d1 evaluates d1's tasks only ({', '.join(D1_TASKS)})")
         for n in self.gen_lengths:
             check_range("gen_lengths[]", n, low=1)
         check_range("block_length", self.block_length, low=1)
@@ -181,7 +194,8 @@ class RunConfig:
     threads: int = 0  # CPU threads for torch; 0 = torch's default (1 is fastest on a busy shared machine)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    task: TaskConfig = field(default_factory=TaskConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)  # the RL task; validation and test come from it
+    sft_task: TaskConfig | None = None  # the SFT stage's rows (task@sft_task=s1k); None = task's own sft split
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -190,6 +204,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
+        if self.eval.protocol == "d1" and not self.eval.tasks:
+            from rl.tasks.d1 import D1_TASKS
+
+            if self.task.name not in D1_TASKS:
+                raise ConfigError(f"eval.protocol=d1: evaluates d1's tasks only ({', '.join(D1_TASKS)}); task is "
+                                  f"{self.task.name!r} (set eval.tasks=[...])")
         check_range("threads", self.threads, low=0)
         for key, cls in RECIPES[self.recipe.name]:
             stage = getattr(self, key)
@@ -198,6 +218,14 @@ class RunConfig:
                 got = "no trainer" if stage is None else f"a {type(stage).__name__}"
                 raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
                                   f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
+            if stage.lora.load_in_4bit:
+                if "zero3" in str(stage.deepspeed):
+                    raise ConfigError(f"{key}.lora.load_in_4bit: 4-bit weights cannot be ZeRO-3 partitioned; use "
+                                      f"{key}.deepspeed=zero2 (d1's setting) or zero0")
+                backend = getattr(getattr(stage, "rollout", None), "backend", self.rollout.backend)
+                if backend != "torch":
+                    raise ConfigError(f"{key}.lora.load_in_4bit: the vLLM engine cannot take 4-bit weights from the "
+                                      f"trainer; use rollout.backend=torch")
             if isinstance(stage, UnmaskOrderConfig) and self.rollout.backend != "torch":
                 raise ConfigError(f"rollout.backend={self.rollout.backend}: recipe {self.recipe.name} reads the dLLM's "
                                   "logits and hidden states at every step, which only backend=torch gives")

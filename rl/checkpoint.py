@@ -251,6 +251,26 @@ def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
     return out
 
 
+def _merge_lora_unquantized(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """QLoRA: the adapters merged into the base weights as they were *before* 4-bit quantization
+    (reloaded, in the checkpoint's own dtype, from the checkpoint the stage started from), the way
+    d1 evaluates its GRPO adapters: on the unquantized base. Returns that unquantized model (to save with) and its state dict."""
+    from peft.tuners.lora import LoraLayer
+
+    from rollout.weights import merged_lora_weight
+
+    quantized = peft_model.get_base_model()
+    fresh = type(quantized).from_pretrained(quantized.name_or_path, dtype="auto")
+    out = {k: v.detach().cpu() for k, v in fresh.state_dict().items()}
+    adapter = peft_model.active_adapter
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+            key = name.removeprefix("base_model.model.") + ".weight"
+            a, b = sd[f"{name}.lora_A.{adapter}.weight"], sd[f"{name}.lora_B.{adapter}.weight"]
+            out[key] = merged_lora_weight(layer, adapter, out[key], a, b)
+    return fresh, out
+
+
 def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serialization: bool = True,
               extra_files: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None) -> Path:
     """Write a ``from_pretrained``-loadable checkpoint of the policy (LoRA merged) to ``out_dir``.
@@ -272,7 +292,9 @@ def export_hf(engine_or_model, tokenizer, out_dir: str | Path, *, safe_serializa
     if D.get_rank() == 0:
         sd = {k[len(prefix):]: v.detach().cpu() for k, v in full.items() if k.startswith(prefix)}
         base = target
-        if hasattr(target, "peft_config"):
+        if hasattr(target, "peft_config") and getattr(target.get_base_model(), "is_quantized", False):
+            base, sd = _merge_lora_unquantized(target, sd)
+        elif hasattr(target, "peft_config"):
             sd = _merge_lora(target, sd)
             base = target.get_base_model()
         tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")

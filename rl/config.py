@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
-LR_SCHEDULERS = ("constant", "cosine")
+LR_SCHEDULERS = ("constant", "cosine", "linear")  # after the warmup (rl.engine.lr_lambda)
 WANDB_MODES = ("online", "offline", "disabled")
 KV_CACHES = ("prefix", "dual")
 ROLLOUT_BACKENDS = ("torch", "vllm")
@@ -79,9 +79,21 @@ def deepspeed_names() -> list[str]:
 
 # ---- configs -------------------------------------------------------------------------------------
 
+LORA_TARGET_NAMES = ("published", "native")
+
+
 @dataclass
 class LoraOptions:
-    """LoRA via peft (d1: r=128, alpha=64). ``enabled=False`` trains all weights."""
+    """LoRA via peft. ``enabled=False`` trains all weights.
+
+    ``target_modules`` are matched as peft matches them (a module whose name is, or ends with
+    ``.<target>``) against the module names of the checkpoint's *published* code when
+    ``target_names=published`` (LLaDA: ``q_proj k_proj v_proj attn_out ff_proj up_proj ff_out``), so
+    a list written for the published model (d1's) adapts the same weights here although our LLaDA
+    runs on Llama blocks with other names; ``native``: our own module names. Models without a
+    published layout (the tiny model, Dream, remote code) have one set of names.
+    ``load_in_4bit``: QLoRA as d1's GRPO: the frozen base loaded in 4-bit (bitsandbytes NF4 with
+    double quantization, bf16 compute), adapters trained on top."""
 
     enabled: bool = False
     r: int = 128
@@ -89,11 +101,17 @@ class LoraOptions:
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
+    target_names: str = "published"
+    load_in_4bit: bool = False
 
     def __post_init__(self) -> None:
-        check_range("lora.r", self.r, low=1)
-        check_range("lora.alpha", self.alpha, low=0, low_open=True)
-        check_range("lora.dropout", self.dropout, low=0, high=1, high_open=True)
+        check_range("r", self.r, low=1)
+        check_range("alpha", self.alpha, low=0, low_open=True)
+        check_range("dropout", self.dropout, low=0, high=1, high_open=True)
+        check_choice("target_names", self.target_names, LORA_TARGET_NAMES)
+        if self.load_in_4bit and not self.enabled:
+            raise ConfigError("load_in_4bit: 4-bit weights cannot be trained; QLoRA trains adapters on them "
+                              "(set lora.enabled=true)")
 
 
 @dataclass
@@ -133,6 +151,9 @@ class RolloutOptions:
     kv_cache: str | None = None
     cache_lookahead: int = 0  # with kv_cache=dual: positions after the block recomputed each step
     backend: str = "torch"  # torch: the sampler in process; vllm: every denoising forward is a vLLM call
+    # tokenize a rendered chat prompt with the tokenizer's own special tokens too (d1's evaluation
+    # does: tokenizer(apply_chat_template(..., tokenize=False))); no effect for tokenizers that add none
+    prompt_special_tokens: bool = False
     vllm: VLLMOptions = field(default_factory=VLLMOptions)
 
     def __post_init__(self) -> None:
@@ -186,7 +207,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
-    lr_scheduler: str = "constant"  # "constant" | "cosine" (after warmup)
+    lr_scheduler: str = "constant"  # "constant" | "cosine" | "linear" (to 0 at max_steps; HF Trainer's default), after warmup
     micro_batch_size: int = 0  # rows per forward/backward; 0 = whole local batch
     max_grad_norm: float = 1.0
     bf16: bool = False
@@ -233,6 +254,7 @@ class SFTConfig(TrainerConfig):
     eps: float = 1e-3  # t ~ U(eps, 1)
     max_length: int = 1024
     pad_response_to: int = 0  # > 0: pad responses with EOS to this many tokens (LLaDA SFT style)
+    example_format: str = "generation_prompt"  # how rows become tokens: rl/sft_format.py (d1: d1's preprocess_dataset)
     eval_batches: int = 4
 
     def __post_init__(self) -> None:
@@ -241,6 +263,9 @@ class SFTConfig(TrainerConfig):
         check_range("eps", self.eps, low=0, high=1, low_open=True, high_open=True)
         check_range("max_length", self.max_length, low=2)
         check_range("pad_response_to", self.pad_response_to, low=0)
+        from rl.sft_format import SFT_FORMATS
+
+        check_choice("example_format", self.example_format, sorted(SFT_FORMATS))
         check_range("eval_batches", self.eval_batches, low=0)
 
 
@@ -256,6 +281,7 @@ class _GroupRLConfig(TrainerConfig):
     rewards: dict = field(default_factory=lambda: {"gsm8k": 1.0})  # reward name -> weight
     reward_weights: list[float] | None = None  # TRL: weights of the trainer's reward_funcs (default 1 each)
     reward_timeout_s: float = 10.0
+    max_prompt_length: int | None = None  # TRL's: keep the last N prompt tokens (d1: 200); None = whole prompts
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
 
     @property
@@ -274,6 +300,8 @@ class _GroupRLConfig(TrainerConfig):
         for w in self.reward_weights or ():
             check_range("reward_weights[]", w)
         check_range("reward_timeout_s", self.reward_timeout_s, low=0, low_open=True)
+        if self.max_prompt_length is not None:
+            check_range("max_prompt_length", self.max_prompt_length, low=1)
 
 
 @dataclass

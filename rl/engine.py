@@ -126,14 +126,17 @@ def lr_lambda(step: int, *, warmup_steps: int, total_steps: int, schedule: str =
     """LR multiplier for optimizer update number ``step + 1`` (``step`` = updates done so far).
 
     Linear warmup ``(step + 1) / warmup_steps`` for the first ``warmup_steps`` updates, then
-    ``1`` (``constant``) or a half cosine from 1 down to ``min_lr_ratio`` at ``total_steps``
-    (``cosine``; Loshchilov & Hutter 2017, SGDR, without restarts).
+    ``1`` (``constant``), a straight line from 1 to 0 at ``total_steps`` (``linear``: HF Trainer's
+    default schedule, which d1's SFT uses) or a half cosine from 1 down to ``min_lr_ratio`` at
+    ``total_steps`` (``cosine``; Loshchilov & Hutter 2017, SGDR, without restarts).
     """
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
         return 1.0
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return 1.0 - progress
     return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -166,22 +169,24 @@ def _make_optimizer(groups: list[dict], cfg: dict, *, lr: float, betas, eps: flo
 
 def build_engine(model: nn.Module, ds_config: str | Path | dict, *, lr: float, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, warmup_steps: int = 0,
-                 total_steps: int, scheduler: Literal["constant", "cosine"] = "constant",
+                 total_steps: int, scheduler: Literal["constant", "cosine", "linear"] = "constant",
                  min_lr_ratio: float = 0.0, micro_batch_size: int, grad_accum: int = 1,
                  grad_clip: float | None = 1.0, bf16: bool = False, trainable_only: bool = True):
     """Wrap ``model`` in a ``deepspeed.DeepSpeedEngine`` with AdamW and a warmup schedule.
 
     Only parameters with ``requires_grad`` are optimised (LoRA adapters); with
     ``trainable_only=False`` every parameter is unfrozen first (full fine-tuning). The LR
-    follows :func:`lr_lambda` (``scheduler``: "constant" or "cosine" after the warmup) and advances once per optimizer update (every ``grad_accum``
+    follows :func:`lr_lambda` (``scheduler``: "constant", "cosine" or "linear" after the warmup) and advances once per optimizer update (every ``grad_accum``
     micro-batches, inside ``engine.step()``). Gradients are clipped to ``grad_clip`` (global
     norm; ``None``/0 disables). ``bf16`` keeps fp32 master weights in the optimizer.
     Use as: ``loss = f(engine, batch); engine.backward(loss); engine.step()``.
     """
     import deepspeed
 
-    if scheduler not in ("constant", "cosine"):
-        raise ValueError(f"scheduler must be 'constant' or 'cosine', got {scheduler!r}")
+    from rl.config import LR_SCHEDULERS
+
+    if scheduler not in LR_SCHEDULERS:
+        raise ValueError(f"scheduler must be one of {LR_SCHEDULERS}, got {scheduler!r}")
     if total_steps < 1:
         raise ValueError(f"total_steps must be >= 1, got {total_steps}")
     init_distributed()

@@ -100,9 +100,13 @@ class DiffuGRPOTrainer(Trainer):
 
     # ---- phases ----------------------------------------------------------------------------------
     def rollout(self, rows: list[dict]):
-        """G completions of each row's prompt from the rollout engine (rows repeated G times)."""
+        """G completions of each row's prompt from the rollout engine (rows repeated G times); prompts
+        longer than ``max_prompt_length`` keep their last tokens (TRL's truncation)."""
         cfg = self.config
-        prompts = [encode_prompt(self.tokenizer, r["prompt"]) for r in rows]
+        prompts = [encode_prompt(self.tokenizer, r["prompt"], add_special_tokens=cfg.rollout.prompt_special_tokens)
+                   for r in rows]
+        if cfg.max_prompt_length is not None:
+            prompts = [p[-cfg.max_prompt_length:] for p in prompts]
         prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         g = cfg.num_generations
         return self.rollouts.generate(prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0),

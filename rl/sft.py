@@ -5,24 +5,10 @@ from __future__ import annotations
 import torch
 
 from rl.config import SFTConfig
-from rl.data import check_columns, encode_prompt
+from rl.data import check_columns
 from rl.losses import diffusion_sft_loss
+from rl.sft_format import encode_sft_example, get_sft_format  # noqa: F401  (re-exported)
 from rl.trainer import Trainer
-
-
-def encode_sft_example(tokenizer, prompt, response: str, *, max_length: int, pad_response_to: int = 0,
-                       use_chat_template: bool = True) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + response + EOS and the matching response mask (1 = trainable).
-
-    With ``pad_response_to`` the response is padded with EOS up to that length (LLaDA SFT), so the
-    model learns to fill the tail of a fixed-length generation with EOS."""
-    p = encode_prompt(tokenizer, prompt, use_chat_template=use_chat_template)
-    r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if pad_response_to and len(r) < pad_response_to:
-        r = r + [tokenizer.eos_token_id] * (pad_response_to - len(r))
-    ids = (p + r)[:max_length]
-    mask = ([0] * len(p) + [1] * len(r))[:max_length]
-    return ids, mask
 
 
 def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -40,7 +26,8 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dic
 
 
 class SFTTrainer(Trainer):
-    """Rows are dicts with ``prompt`` (text or chat messages) and ``response`` (text)."""
+    """Rows are dicts with ``prompt`` (text or chat messages) and ``response`` (text), encoded by
+    ``config.example_format`` (rl/sft_format.py)."""
 
     config: SFTConfig
 
@@ -58,8 +45,9 @@ class SFTTrainer(Trainer):
 
     def batch(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         cfg = self.config
-        enc = [encode_sft_example(self.tokenizer, r["prompt"], r["response"], max_length=cfg.max_length,
-                                  pad_response_to=cfg.pad_response_to) for r in rows]
+        encode = get_sft_format(cfg.example_format)
+        enc = [encode(self.tokenizer, r["prompt"], r["response"], max_length=cfg.max_length,
+                      pad_response_to=cfg.pad_response_to) for r in rows]
         return {k: v.to(self.device) for k, v in collate_sft(enc, self.tokenizer.pad_token_id).items()}
 
     def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:

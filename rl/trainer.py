@@ -52,17 +52,43 @@ def seeded_generator(seed: int, purpose: str, rank: int, device: torch.device | 
     return g
 
 
+def lora_target_names(model: torch.nn.Module, options) -> list[str]:
+    """Full names of the modules of ``model`` (the HF model) that LoRA adapts: those whose name
+    (published or ours, see :class:`rl.config.LoraOptions`) is a target or ends with ``.<target>``,
+    peft's rule. Raises if nothing matches; logs the targets that match nothing."""
+    import logging
+
+    to_published = getattr(model, "to_published_name", None)
+    use_published = options.target_names == "published" and to_published is not None
+
+    def shown(name: str) -> str:
+        return to_published(name + ".")[:-1] if use_published else name
+
+    kinds = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d)
+    candidates = {name: shown(name) for name, mod in model.named_modules() if name and isinstance(mod, kinds)}
+    hits = {t: [n for n, s in candidates.items() if s == t or s.endswith("." + t)] for t in options.target_modules}
+    selected = sorted({n for names in hits.values() for n in names})
+    if not selected:
+        leaves = sorted({s.split(".")[-1] for s in candidates.values()})
+        raise ValueError(f"lora.target_modules={list(options.target_modules)} match no module of the model "
+                         f"({'published' if use_published else 'module'} names here: {leaves[:20]})")
+    unmatched = [t for t, names in hits.items() if not names]
+    if unmatched:
+        logging.getLogger(__name__).warning(
+            "lora.target_modules %s match no %s module name of %s; adapting %d modules (%s)", unmatched,
+            "published" if use_published else "", type(model).__name__, len(selected),
+            ", ".join(sorted({shown(n).split(".")[-1] for n in selected})))
+    return selected
+
+
 def apply_lora(policy: torch.nn.Module, options, seed: int = 0) -> None:
-    """Replace ``policy.model`` by a peft LoRA model (only adapter weights train). peft draws the
-    adapters' initial weights from the global RNG: they are drawn from ``seed`` here, in a forked
-    RNG state, so a LoRA run is reproducible and the caller's RNG stream is untouched."""
+    """Replace ``policy.model`` by a peft LoRA model (only adapter weights train) on the modules
+    :func:`lora_target_names` selects. peft draws the adapters' initial weights from the global
+    RNG: they are drawn from ``seed`` here, in a forked RNG state, so a LoRA run is reproducible and
+    the caller's RNG stream is untouched."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.split(".")[-1] for name, _ in policy.model.named_modules()}
-    targets = [t for t in options.target_modules if t in present]
-    if not targets:
-        raise ValueError(f"lora.target_modules={list(options.target_modules)} match no module of the model "
-                         f"(linear layers here: {sorted(present)[:20]} ...)")
+    targets = lora_target_names(policy.model, options)
     cfg = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets)
     devices = [policy.model.device] if getattr(policy.model, "device", torch.device("cpu")).type == "cuda" else []
     with torch.random.fork_rng(devices=devices):

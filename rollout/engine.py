@@ -75,12 +75,14 @@ class RolloutEngine:
             raise RuntimeError("rollout engine: no policy attached (call engine.attach(model) first)")
 
     # ---- generation -----------------------------------------------------------------------------
-    def encode(self, prompts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """Left-padded ids and mask of text / chat prompts (the adapter's tokenizer, chat template)."""
+    def encode(self, prompts: Sequence, options: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and mask of text / chat prompts (the adapter's tokenizer, chat template;
+        ``options.prompt_special_tokens``: see :func:`rollout.prompts.encode_prompt`)."""
         tok = self.adapter.tokenizer
         if tok is None:
             raise ValueError("rollout engine: text prompts need the policy's tokenizer; pass ids instead")
-        return left_pad([encode_prompt(tok, p) for p in prompts], tok.pad_token_id)
+        special = bool(getattr(options if options is not None else self.options, "prompt_special_tokens", False))
+        return left_pad([encode_prompt(tok, p, add_special_tokens=special) for p in prompts], tok.pad_token_id)
 
     def generate(self, prompts: Sequence | torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                  options: Any = None, generator: torch.Generator | None = None,
@@ -89,9 +91,9 @@ class RolloutEngine:
         ``attention_mask``. ``options`` (default: the engine's) sets the sampler's arguments;
         ``order_policy`` / ``record_scores`` as in :func:`rollout.generate`."""
         self._check_attached()
-        if not isinstance(prompts, torch.Tensor):
-            prompts, attention_mask = self.encode(prompts)
         options = options if options is not None else self.options
+        if not isinstance(prompts, torch.Tensor):
+            prompts, attention_mask = self.encode(prompts, options)
         adapter = self.adapter
         device = next(adapter.parameters()).device
         ids = prompts.to(device)

@@ -7,17 +7,23 @@ from collections.abc import Sequence
 import torch
 
 
-def encode_prompt(tokenizer, prompt, *, use_chat_template: bool = True) -> list[int]:
+def encode_prompt(tokenizer, prompt, *, use_chat_template: bool = True, add_special_tokens: bool = False) -> list[int]:
     """Token ids of a prompt: a string (wrapped as one user turn) or a list of chat messages.
 
-    With a chat template the generation prompt (assistant header) is appended."""
+    With a chat template the generation prompt (assistant header) is appended; a chat whose last
+    message is the assistant's is continued instead (TRL's convention: the model completes that
+    turn, e.g. d1's evaluation opens it with ``<reasoning>``). The rendered text is tokenized
+    without the tokenizer's special tokens (the template writes its own), unless
+    ``add_special_tokens`` (d1's evaluation tokenizes the rendered prompt with them)."""
     if isinstance(prompt, str) and not (use_chat_template and tokenizer.chat_template):
-        return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        return tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
     messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not tokenizer.chat_template:
         raise ValueError("prompt is a list of messages but the tokenizer has no chat_template")
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False))
+    cont = bool(messages) and messages[-1].get("role") == "assistant"
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=not cont, continue_final_message=cont,
+                                         tokenize=False)
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,21 @@ def test_lr_lambda_warmup_then_constant_or_cosine():
     assert all(a >= b for a, b in zip(cos[4:], cos[5:]))  # monotone decay after warmup
 
 
+def test_lr_lambda_linear_equals_hf_trainers_default_schedule():
+    """``linear`` is transformers' get_linear_schedule_with_warmup (HF Trainer's default, d1's SFT)
+    after the warmup; during the warmup ours gives update k the factor k / warmup (HF's first update
+    runs at lr 0)."""
+    from transformers import get_linear_schedule_with_warmup
+
+    for warmup, total in ((0, 30), (5, 30)):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        hf = get_linear_schedule_with_warmup(opt, warmup, total)
+        ref = [hf.lr_lambdas[0](s) for s in range(total + 1)]
+        ours = [lr_lambda(s, warmup_steps=warmup, total_steps=total, schedule="linear") for s in range(total + 1)]
+        assert ours[warmup:] == pytest.approx(ref[warmup:])
+        assert ours[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+
+
 def test_fill_ds_config_and_errors(tmp_path):
     cfg = fill_ds_config(load_ds_config("zero2"), micro_batch_size=3, grad_accum=2, grad_clip=None, bf16=True,
                          world_size=4)

@@ -75,6 +75,11 @@ BAD_OVERRIDES = [
     ("eval.modes={fast: {treshold: 0.9}}", "eval.modes.fast: unknown rollout option(s) ['treshold']"),
     ("model.family=llada", "model.path: required for family='llada'"),
     ("logger.wandb.mode=on", "logger.wandb.mode='on': not allowed"),
+    ("eval.protocol=d2", "eval.protocol='d2': not allowed; expected one of: ours, d1"),
+    ("eval.protocol=d1 task=humaneval", "eval.protocol=d1: evaluates d1's tasks only"),
+    ("task@sft_task=nope", "task@sft_task=nope: no such option; task is one of:"),
+    ("sft.example_format=d2", "sft.example_format='d2': not allowed; expected one of: d1, generation_prompt"),
+    ("rl.max_prompt_length=0", "rl.max_prompt_length=0: must be >= 1"),
     ("rl.per_device_batch_size=4", "rl.per_device_batch_size: unknown key"),  # GRPO counts prompts: per_device_prompts
     ("recipe=unmask_order rl.rollout.threshold=0.9", "rl.rollout.threshold=0.9: the order learner needs"),
     ("recipe=unmask_order rl.lora.enabled=true", "rl.lora.enabled: LoRA adapts the dLLM, which the order learner "
@@ -124,8 +129,12 @@ def test_every_task_composes_exactly_its_yaml_rewards():
         assert cfg.task.rewards == spec["rewards"], option
         assert cfg.task.accuracy_reward == spec["accuracy_reward"], option
         assert cfg.rl.rewards == spec["rewards"], option  # the GRPO stage gets the same spec
-        if option != "local":  # the registered defaults say the same as the file
+        variant = option != spec["name"]  # <task>_d1: d1's rewards for that task, our accuracy check
+        if option != "local" and not variant:  # the registered defaults say the same as the file
             assert TASKS[option].rewards == spec["rewards"] and TASKS[option].accuracy_reward == spec["accuracy_reward"]
+        if variant:
+            assert option == f"{spec['name']}_d1" and spec["prompt_style"] == "d1" and all(name.startswith("d1_") for name in spec["rewards"])
+            assert spec["accuracy_reward"] == TASKS[spec["name"]].accuracy_reward
 
 
 def test_registries_and_config_groups_agree():
@@ -135,7 +144,9 @@ def test_registries_and_config_groups_agree():
     from rl.tasks import TASKS
 
     assert sorted(RECIPES) == group_options("recipe")
-    assert sorted(TASKS) == group_options("task")
+    # every registered task has its file; <task>_d1 files are d1's variants of registered tasks
+    assert sorted(TASKS) == [o for o in group_options("task") if not o.endswith("_d1")]
+    assert all(o[:-3] in TASKS for o in group_options("task") if o.endswith("_d1"))
     assert set(PIPELINES) == {name for name, stages in RECIPES.items() if stages}
     assert sorted(trainer_options(list(TRAINER_SCHEMAS))) == group_options("trainer")
     from rollout.remasking import REMASKING
@@ -201,8 +212,14 @@ def test_real_model_experiments_carry_d1_settings(experiment):
     assert cfg.model.family == model and cfg.model.path
     assert cfg.model.trust_remote_code == (model == "dream")  # Dream's tokenizer class; both models are ours
     assert cfg.model.dtype == "bfloat16"
-    assert cfg.task.name == task and cfg.task.prompt_style == "instruct"
+    assert cfg.task.name == task and cfg.task.prompt_style == "d1"
+    assert cfg.sft_task.name == "s1k" and cfg.recipe.name == "sft_then_grpo" and cfg.recipe.final_eval
+    assert cfg.eval.protocol == "d1" and cfg.eval.tasks == [task]
+    assert cfg.sft.example_format == "d1" and cfg.sft.max_length == 4096
+    assert cfg.sft.lora.enabled and (cfg.sft.lora.r, cfg.sft.lora.alpha) == (128, 256)
+    assert cfg.sft.lora.target_modules == ["q_proj", "k_proj", "v_proj"] and cfg.sft.weight_decay == 0.1
     rl = cfg.rl
+    assert rl.lora.load_in_4bit and rl.max_prompt_length == 200
     assert isinstance(rl, DiffuGRPOConfig)
     for k, v in D1.items():
         assert getattr(rl, k) == v, (experiment, k)

@@ -4,14 +4,15 @@
   asserted disjoint by prompt), the prompt formatter;
 - :mod:`rl.tasks.procedural`: generated tasks (``sudoku4``, ``countdown_procedural``; offline);
 - :mod:`rl.tasks.loading`: one reader (``datasets``) for local files, saved datasets and the hub;
-- :mod:`rl.tasks.real`: ``gsm8k``, ``math500``, ``humaneval``, ``countdown``, ``local``.
+- :mod:`rl.tasks.real`: ``gsm8k``, ``math500``, ``humaneval``, ``countdown``, ``local``;
+- :mod:`rl.tasks.d1`: d1's prompts (``prompt_style: d1 | d1_eval``) and ``s1k``, d1's SFT data.
 
 Reward columns (``solution``, ``answer``, ``test`` ...) reach reward functions as keyword lists
 (TRL's convention); accuracy is "the exact check passes" and goes through the same composed,
 per-sample-isolated reward call as training.
 """
 
-from rl.tasks import procedural, real  # noqa: F401  (registers the built-in tasks)
+from rl.tasks import d1, procedural, real  # noqa: F401  (registers the built-in tasks)
 from rl.tasks.loading import DATA_ENV, HubSource, read_file
 from rl.tasks.procedural import countdown_prompt, sudoku_prompt
 from rl.tasks.real import gsm8k_answer

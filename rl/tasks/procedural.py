@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rl.tasks.registry import DataError, format_prompt, register_task
+from rl.tasks import d1
+from rl.tasks.registry import D1_STYLES, DataError, format_prompt, register_task
 
 
 def disjoint_procedural(make: Callable[[int, int], list[dict]], key: Callable[[dict], str], cfg,
@@ -42,10 +43,13 @@ def _sizes(cfg) -> dict[str, int]:
     return {"test": cfg.num_test, "val": cfg.num_val, "sft": cfg.num_sft, "rl": cfg.num_rl}
 
 
-def sudoku_prompt(puzzle: str, style: str) -> str:
-    """Minimal: the 16 cells row by row ('0' = empty), nothing else (the tiny model's format)."""
+def sudoku_prompt(puzzle: str, style: str):
+    """Minimal: the 16 cells row by row ('0' = empty), nothing else (the tiny model's format);
+    d1 / d1_eval: d1's prompts (chat messages)."""
     if style == "minimal":
         return puzzle
+    if style in D1_STYLES:
+        return d1.sudoku_prompt(puzzle, style)
     rows = "\n".join(puzzle[i:i + 4] for i in range(0, 16, 4))
     return format_prompt(f"Solve this 4x4 Sudoku. Each row, column and 2x2 box must contain the digits 1-4 "
                          f"once; 0 marks an empty cell.\n{rows}\nGive the completed grid as 16 digits, row by row.",
@@ -62,22 +66,54 @@ def sudoku_exact(prompts, completions, **columns) -> list[float | None]:
             for r, c, p, s in zip(partial, completions, columns["puzzle"], columns["solution"])]
 
 
+def sudoku_file_rows(cfg) -> dict[str, list[dict]]:
+    """``task.path``: puzzles from a file or folder (columns ``puzzle``/``solution``, or d1's CSV
+    columns ``Puzzle``/``Solution``), split like the other file tasks (rl/tasks/real.py)."""
+    from rl.tasks.loading import load_split
+    from rl.tasks.real import train_val_test
+
+    def convert(r: dict, where: str, i: int) -> dict:
+        puzzle, solution = r.get("puzzle", r.get("Puzzle")), r.get("solution", r.get("Solution"))
+        ok = all(isinstance(g, (str, int)) and len(str(g).zfill(16)) == 16 for g in (puzzle, solution))
+        if not ok:
+            raise DataError(f"{where}: row {i} needs 16-digit 'puzzle' and 'solution' (or d1's 'Puzzle', 'Solution'), "
+                            f"got {puzzle!r}, {solution!r}")
+        # a CSV reader may have made numbers of them: a leading empty cell ('0') is lost then
+        puzzle, solution = str(puzzle).zfill(16), str(solution).zfill(16)
+        return {"puzzle": puzzle, "solution": solution, "prompt": puzzle, "response": solution}
+
+    rows = {}
+    for split in ("train", "test"):
+        raw = load_split(cfg.path, split, task=cfg.name, folder="sudoku4", hub={}, hub_config=cfg.hub_config)
+        if raw is not None:
+            rows[split] = [convert(r, f"{cfg.path} ({split})", i) for i, r in enumerate(raw)]
+    return train_val_test(cfg, rows.get("train"), rows.get("test"), str(cfg.path))
+
+
 @register_task("sudoku4", rewards={"sudoku": 1.0}, accuracy_reward="sudoku", exact=sudoku_exact)
 def sudoku4(cfg) -> dict[str, list[dict]]:
+    """Generated puzzles (offline; ``task.path`` = null), or puzzles from ``task.path`` (e.g. d1's
+    4x4 Sudoku CSV files)."""
     from rewards.sudoku import make_sudoku_dataset
 
-    splits = disjoint_procedural(make_sudoku_dataset, lambda r: r["puzzle"], cfg, _sizes(cfg))
+    if cfg.path:
+        splits = sudoku_file_rows(cfg)
+    else:
+        splits = disjoint_procedural(make_sudoku_dataset, lambda r: r["puzzle"], cfg, _sizes(cfg))
     for split, rows in splits.items():
         splits[split] = [{**r, "prompt": sudoku_prompt(r["puzzle"], cfg.prompt_style), "response": r["solution"]}
                          for r in rows]
     return splits
 
 
-def countdown_prompt(row: dict, style: str) -> str:
-    """Minimal: ``"3,5,7->22"``; instruct: d1's Countdown prompt."""
+def countdown_prompt(row: dict, style: str):
+    """Minimal: ``"3,5,7->22"``; instruct: an instruction plus d1's answer format; d1 / d1_eval:
+    d1's prompts (chat messages)."""
     nums = ",".join(str(n) for n in row["nums"])
     if style == "minimal":
         return f"{nums}->{row['target']}"
+    if style in D1_STYLES:
+        return d1.countdown_prompt(row["nums"], row["target"], style)
     return format_prompt(f"Using the numbers [{nums}], create an equation that equals {row['target']}. You can "
                          f"use basic arithmetic operations (+, -, *, /) and each number can only be used once.", style)
 

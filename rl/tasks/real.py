@@ -13,7 +13,8 @@ import random
 from collections.abc import Callable
 
 from rl.tasks.loading import HubSource, describe, load_split, resolve_source
-from rl.tasks.registry import DataError, Splits, format_prompt, prompt_key, register_task
+from rl.tasks import d1
+from rl.tasks.registry import D1_STYLES, DataError, Splits, format_prompt, prompt_key, register_task
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +101,12 @@ def gsm8k(cfg) -> Splits:
     def convert(r: dict, where: str, i: int) -> dict:
         question, solution = text(r, "question", where, i), text(r, "answer", where, i)
         answer, reasoning = gsm8k_answer(solution), solution.split("####")[0].strip()
-        return {"prompt": format_prompt(question, cfg.prompt_style), "answer": answer,
+        if cfg.prompt_style in D1_STYLES:  # d1's answer column: the text after ####, as is (d1_gsm8k compares strings)
+            answer = solution.split("####")[1].strip() if "####" in solution else answer
+            prompt = d1.gsm8k_prompt(question, cfg.prompt_style)
+        else:
+            prompt = format_prompt(question, cfg.prompt_style)
+        return {"prompt": prompt, "answer": answer, "question": question,
                 "response": f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>"}
 
     return real_task(cfg, "gsm8k", GSM8K_HUB, convert)
@@ -115,7 +121,14 @@ def math500(cfg) -> Splits:
         answer = text(r, "answer", where, i) if r.get("answer") is not None else last_boxed(solution)
         if answer is None:
             raise DataError(f"{where}: row {i} has no 'answer' column and no \\boxed{{}} answer in its solution")
-        return {"prompt": format_prompt(problem, cfg.prompt_style), "answer": answer, "solution": solution,
+        gold = answer
+        if cfg.prompt_style in D1_STYLES:
+            prompt = d1.math_prompt(problem, cfg.prompt_style)
+            if cfg.prompt_style == "d1":  # d1's training rows carry the whole solution as `answer` (d1_math reads it)
+                gold = solution
+        else:
+            prompt = format_prompt(problem, cfg.prompt_style)
+        return {"prompt": prompt, "answer": gold, "solution": solution, "question": problem,
                 "response": f"<reasoning>\n{solution}\n</reasoning>\n<answer>\n\\boxed{{{answer}}}\n</answer>"}
 
     return real_task(cfg, "math500", MATH500_HUB, convert)
@@ -124,6 +137,9 @@ def math500(cfg) -> Splits:
 @register_task("humaneval", rewards={"code": 1.0}, accuracy_reward="code")
 def humaneval(cfg) -> Splits:
     instr = "Complete the following Python function. Answer with the full function in a ```python block.\n"
+
+    if cfg.prompt_style in D1_STYLES:
+        raise DataError(f"task humaneval: prompt_style={cfg.prompt_style} is not defined (d1 has no code task)")
 
     def convert(r: dict, where: str, i: int) -> dict:
         code = text(r, "prompt", where, i)
@@ -141,6 +157,12 @@ def countdown(cfg) -> Splits:
 
     def convert(r: dict, where: str, i: int) -> dict | None:
         nums, target = r.get("nums"), r.get("target")
+        if nums is None and "input" in r and "output" in r:  # d1's test file (countdown_cd3_test.jsonl): "a,b,c" -> "t"
+            try:
+                nums, target = [int(x) for x in str(r["input"]).split(",")], int(r["output"])
+            except ValueError:
+                raise DataError(f"{where}: row {i}: 'input' must be comma-separated integers and 'output' an "
+                                f"integer, got {r['input']!r} and {r['output']!r}") from None
         if not isinstance(nums, list) or not all(isinstance(n, int) for n in nums) or not isinstance(target, int):
             raise DataError(f"{where}: row {i} needs 'nums' (a list of integers) and 'target' (an integer), "
                             f"got {nums!r} and {target!r}")
