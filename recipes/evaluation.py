@@ -117,8 +117,8 @@ def evaluate_rows_d1(engine: RolloutEngine, task: Task, rows: list[dict], ro: Ro
     if out_file is not None:
         path = Path(str(out_file).format(rank=rank))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"generations": items, "metrics": {"wall_time": seconds, "total_processed": len(items)},
-                                    **(meta or {})}, indent=2))
+        metrics = {"wall_time": seconds, "total_processed": len(items)}
+        path.write_text(json.dumps({"generations": items, "metrics": metrics, **(meta or {})}, indent=2))
     batches = -(-len(mine) // batch_size)
     stats = D.all_reduce_sum([correct, len(mine), reward, passes, batches, num, den])
     n = max(stats[1].item(), 1.0)
@@ -162,9 +162,9 @@ def write_results(results: list[dict], run_dir: Path, title: str) -> tuple[Path,
     js = run_dir / "results.json"
     js.write_text(json.dumps(results, indent=2))
     d1 = any("d1_accuracy" in r for r in results)
-    lines = [f"# {title}", "", "| task | gen_length | block | steps | mode | accuracy |" + (" d1's parser |" if d1 else "")
-             + " mean reward | n | forward passes / batch | seconds |", "|---|---|---|---|---|---|" + ("---|" if d1 else "")
-             + "---|---|---|---|"]
+    d1_head = (" d1's parser |", "---|") if d1 else ("", "")
+    lines = [f"# {title}", "", f"| task | gen_length | block | steps | mode | accuracy |{d1_head[0]} mean reward | n | "
+             "forward passes / batch | seconds |", f"|---|---|---|---|---|---|{d1_head[1]}---|---|---|---|"]
     for r in results:
         d1_cell = f" {100 * r['d1_accuracy']:.1f}% |" if "d1_accuracy" in r else (" - |" if d1 else "")
         lines.append(f"| {r['task']} | {r['gen_length']} | {r['block_length']} | {r['steps']} | {r['mode']} | "

@@ -27,7 +27,8 @@ import torch
 from recipes import report
 from recipes.evaluation import d1_rollout, eval_rollouts, evaluate_rows, evaluate_rows_d1, write_results
 from recipes.preflight import check_eval, check_training
-from recipes.schema import RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, TaskConfig, UnmaskOrderConfig
+from recipes.schema import (RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, TaskConfig,
+                            UnmaskOrderConfig)
 from rl.tasks import Task, build_task
 from rl.tasks.d1 import D1_GEN_LENGTHS, D1_TASKS
 from rl.tracking import run_context
@@ -331,8 +332,8 @@ def run_eval(cfg: RunConfig, *, checkpoint: str | Path | None = None, out_dir: P
                 if d1:  # d1's file name: {task}_{model}_{gen_length}_{steps}_{rank}_generations.json
                     out_file = run_dir / "generations" / (f"{D1_TASKS[name]}_{label}-{mode}_{ro.gen_length}_{ro.steps}"
                                                           "_{rank}_generations.json")
-                    meta = {"model_path": str(cfg.model.path or cfg.model.name), "checkpoint_path": str(checkpoint or ""),
-                            "gen_length": ro.gen_length, "diffusion_steps": ro.steps, "block_length": ro.block_length}
+                    meta = {"model_path": str(cfg.model.path or cfg.model.name),
+                            "checkpoint_path": str(checkpoint or ""), "gen_length": ro.gen_length, "diffusion_steps": ro.steps, "block_length": ro.block_length}
                     m = evaluate_rows_d1(rollouts, task, rows, ro, batch_size=cfg.recipe.eval_batch_size,
                                          seed=cfg.seed, out_file=out_file, meta=meta)
                 else:

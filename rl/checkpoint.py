@@ -254,7 +254,8 @@ def _merge_lora(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str,
 def _merge_lora_unquantized(peft_model: nn.Module, sd: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
     """QLoRA: the adapters merged into the base weights as they were *before* 4-bit quantization
     (reloaded, in the checkpoint's own dtype, from the checkpoint the stage started from), the way
-    d1 evaluates its GRPO adapters: on the unquantized base. Returns that unquantized model (to save with) and its state dict."""
+    d1 evaluates its GRPO adapters: on the unquantized base. Returns that unquantized model (to save
+    with) and its state dict."""
     from peft.tuners.lora import LoraLayer
 
     from rollout.weights import merged_lora_weight

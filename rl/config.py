@@ -207,7 +207,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     adam_betas: tuple[float, float] = (0.9, 0.99)
     warmup_steps: int = 0
-    lr_scheduler: str = "constant"  # "constant" | "cosine" | "linear" (to 0 at max_steps; HF Trainer's default), after warmup
+    lr_scheduler: str = "constant"  # after warmup: constant | cosine | linear (to 0 at max_steps; HF Trainer's default)
     micro_batch_size: int = 0  # rows per forward/backward; 0 = whole local batch
     max_grad_norm: float = 1.0
     bf16: bool = False

@@ -95,7 +95,8 @@ def countdown_prompt(nums: list[int], target: int, style: str) -> list[dict]:
                 f"to exactly {target}. You must use all numbers from the list, and each number must be used exactly "
                 "once. You may use the operations +, -, *, and / as needed. After reasoning, provide only your final "
                 "expression inside <answer></answer> tags without including an equals sign or the target number. For "
-                "example, if the numbers are [2, 3, 4] and the target is 5, a valid answer is: <answer>\n2*4-3\n</answer>")
+                "example, if the numbers are [2, 3, 4] and the target is 5, a valid answer is: "
+                "<answer>\n2*4-3\n</answer>")
 
 
 def sudoku_prompt(puzzle: str, style: str) -> list[dict]:
