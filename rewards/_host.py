@@ -15,7 +15,9 @@ from pathlib import Path
 from rewards import _harness
 
 HARNESS = str(Path(_harness.__file__).resolve())
-SBX_HARNESS = "/sbx/_harness.py"
+_LOCK = threading.Lock()
+SBX_HARNESS = "/sbx/_harness.pyc"
+SBX_PACKAGES = "/sbx/pkgs"  # where allowed packages appear in the sandbox (on its sys.path)
 UID_BASE, UIDS_PER_TRAINER = 2_000_000_000, 512
 _STAGE_DIRS = ("/media", "/srv", "/mnt", "/run", "/tmp")
 
@@ -47,10 +49,98 @@ def _site_dirs(exposed: list[str]) -> list[str]:
                   and any(d.startswith(x + "/") for x in exposed))
 
 
-def view_plan(scratch_bytes: int, shm_bytes: int, *, harness_at: str | None = None) -> list[list]:
+def package_entries(names) -> tuple[list[str], list[tuple[str, str]]]:
+    """The allowed packages found in the trainer's environment, and the files and folders each
+    one installed at the top of its site-packages (``numpy/``, ``numpy.libs/``): ``(names found,
+    [(host path, name)])``. A package that is not installed, or that is part of the standard
+    library, is left out (the sandbox sees the standard library anyway)."""
+    import importlib.metadata
+    import importlib.util
+    import sysconfig
+
+    found: list[str] = []
+    entries: dict[str, str] = {}
+    stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise ValueError(f"sandbox option packages: {name!r} is not a top-level package name")
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.origin or spec.origin in ("built-in", "frozen"):
+            continue
+        where = list(spec.submodule_search_locations or []) or [spec.origin]
+        site = os.path.dirname(os.path.realpath(where[0]))
+        if site == stdlib or site.startswith(stdlib + "/"):
+            continue
+        tops = {os.path.basename(where[0].rstrip("/"))}
+        try:
+            files = importlib.metadata.distribution(name).files or []
+        except importlib.metadata.PackageNotFoundError:
+            files = []
+        tops |= {f.parts[0] for f in files if f.parts and f.parts[0] != ".."
+                 and not f.parts[0].endswith((".dist-info", ".egg-info"))}
+        if os.path.isdir(os.path.join(site, f"{name}.libs")):
+            tops.add(f"{name}.libs")
+        for top in sorted(tops):
+            path = os.path.join(site, top)
+            if os.path.exists(path) and top not in entries:
+                entries[top] = path
+        found.append(name)
+    return found, [(path, top) for top, path in entries.items()]
+
+
+_COMPILED: list[str] = []
+
+
+def compiled_harness() -> str:
+    """A folder holding the harness and `_jail` as bytecode (``_harness.pyc``, ``_jail.pyc``):
+    a sandbox runs the harness as a script, and compiling its source would cost every sandbox
+    tens of milliseconds. Compiled once per source version into a folder that only this user can
+    read (``$TMPDIR/dllm-sbx-code-<uid>/<hash>``; a private temporary folder if that one is not
+    ours), written under another name and renamed, so concurrent trainers never see half a file."""
+    import hashlib
+    import py_compile
+    import shutil
+    import stat
+    import tempfile
+
+    with _LOCK:
+        if _COMPILED:
+            return _COMPILED[0]
+        sources = {name: Path(HARNESS).with_name(f"{name}.py") for name in ("_harness", "_jail")}
+        digest = hashlib.sha256(sys.version.encode())
+        for src in sources.values():
+            digest.update(src.read_bytes())
+        base = os.path.join(tempfile.gettempdir(), f"dllm-sbx-code-{os.getuid()}")
+        try:
+            os.makedirs(base, mode=0o700, exist_ok=True)
+            st = os.lstat(base)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise OSError("not a private folder")
+        except OSError:
+            base = tempfile.mkdtemp(prefix="dllm-sbx-code-")
+        folder = os.path.join(base, digest.hexdigest()[:20])
+        if not all(os.path.isfile(os.path.join(folder, f"{name}.pyc")) for name in sources):
+            tmp = tempfile.mkdtemp(dir=base)
+            for name, src in sources.items():
+                py_compile.compile(str(src), cfile=os.path.join(tmp, f"{name}.pyc"), dfile=f"/sbx/{name}.py",
+                                   doraise=True, invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+            try:
+                os.rename(tmp, folder)
+            except OSError:  # another trainer was first
+                shutil.rmtree(tmp, ignore_errors=True)
+        _COMPILED.append(folder)
+        return folder
+
+
+def view_plan(scratch_bytes: int, shm_bytes: int, *, harness_at: str | None = None,
+              packages: list[tuple[str, str]] = ()) -> list[list]:
     """The sandbox's filesystem, as ops both backends execute (see `_jail.build_root`): system
-    directories and the interpreter read-only with site-packages masked, /etc/ld.so.cache, a new
-    /proc and minimal /dev, sized tmpfs on /tmp and /dev/shm, the rest read-only."""
+    directories and the interpreter read-only with site-packages masked, the allowed packages
+    read-only under `SBX_PACKAGES`, /etc/ld.so.cache, a new /proc and minimal /dev, sized tmpfs on
+    /tmp and /dev/shm, the rest read-only."""
     plan: list[list] = []
     exposed = exposed_dirs()
     for d in exposed:
@@ -59,7 +149,8 @@ def view_plan(scratch_bytes: int, shm_bytes: int, *, harness_at: str | None = No
         plan.append(["ro", "/etc/ld.so.cache", "/etc/ld.so.cache"])
     plan += [["tmpfs", d, 4096, 0o755, True] for d in _site_dirs(exposed)]
     if harness_at:
-        plan.append(["ro", HARNESS, harness_at])
+        plan.append(["ro", os.path.join(compiled_harness(), "_harness.pyc"), harness_at])
+    plan += [["ro", path, f"{SBX_PACKAGES}/{top}"] for path, top in packages]
     plan += [["proc", "/proc"], ["dev", "/dev"], ["tmpfs", "/dev/shm", shm_bytes, 0o1777, False],
              ["tmpfs", "/tmp", scratch_bytes, 0o1777, False], ["remount-ro", "/dev"], ["remount-ro", "/"]]
     return plan
@@ -113,7 +204,6 @@ def owner_tag(kind: str = "owner") -> str:
 
 
 _LIFELINE: list[int] = []
-_LOCK = threading.Lock()
 
 
 def lifeline() -> int:

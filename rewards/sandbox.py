@@ -3,14 +3,17 @@ of the host, bounded resources, nothing that outlives the run. docs/sandbox.md h
 model; in short:
 
 * Verdicts. A test job runs in two sandboxes: the candidate's code in one, the tests in another
-  (`_harness`). They talk over two pipes carrying plain data; the tests' sandbox alone holds the
-  result pipe, and the parent counts the per-test lines it reads there. Stdin/stdout jobs run
-  the candidate alone; the parent compares its stdout.
+  (`_harness`). They talk over two pipes; values cross as data the receiving side rebuilds with
+  its own code (standard-library types, numpy arrays, the setup code's classes), other objects
+  stay references the tests' side decides about; the tests' sandbox alone holds the result pipe,
+  and the parent counts the per-test lines it reads there. Stdin/stdout jobs run the candidate
+  alone; the parent compares its whole stdout as it streams in.
 * Privilege and view. The candidate runs as a non-root host uid even when the trainer is root
   (one uid per sandbox from a private range), with no capabilities, ``no_new_privs`` and a seccomp
   filter (`_jail.seccomp_filter`). It sees the interpreter and its standard library read-only
-  (site-packages masked), /usr, a fresh /proc of its own pid namespace, a minimal /dev and a
-  private, size-limited /tmp and /dev/shm; nothing else of the host, and no network.
+  (site-packages masked; an allow-list of packages, default numpy, read-only under /sbx/pkgs),
+  /usr, a fresh /proc of its own pid namespace, a minimal /dev and a private, size-limited /tmp
+  and /dev/shm; nothing else of the host, and no network.
 * Resources. Per sandbox: a cgroup (memory incl. tmpfs/memfd/shm, process count) where the machine
   allows it (`_cgroup`), always rlimits (CPU, address space, file size, open files, processes),
   sized tmpfs, oom_score_adj 1000 (the OOM killer takes a sandbox before the trainer), a
@@ -28,6 +31,7 @@ and the privilege drop), or ``unsafe`` (no isolation; refused unless ``unsafe=Tr
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import math
@@ -44,7 +48,7 @@ from dataclasses import dataclass, field
 
 from rewards import _host
 from rewards._cgroup import Cgroup, Cgroups
-from rewards._host import HARNESS, SBX_HARNESS
+from rewards._host import SBX_HARNESS
 from rewards._jail import seccomp_filter
 
 log = logging.getLogger("rewards")
@@ -56,10 +60,15 @@ _LOGGED_MODE: set[str] = set()
 
 @dataclass
 class RunResult:
-    """Outcome of one run: per-test verdicts (test jobs) or stdout (stdio jobs)."""
+    """Outcome of one run: per-test verdicts and errors (test jobs), or stdout and whether it
+    matched the expected output (stdio jobs). `setup_error`: the dataset's setup code failed in
+    the tests' sandbox (every test failed)."""
 
     passed: list[bool] = field(default_factory=list)
+    errors: list[str | None] = field(default_factory=list)
+    setup_error: str | None = None
     stdout: bytes = b""
+    stdout_match: bool | None = None
     timed_out: bool = False
     output_exceeded: bool = False
     oom: bool = False
@@ -90,11 +99,17 @@ class Sandbox:
         timeout_s: wall-clock budget per run. memory_mb: per sandbox (cgroup and address space).
         max_procs: processes and threads per sandbox. max_file_mb: largest file it may write.
         scratch_mb / shm_mb: sizes of its /tmp and /dev/shm. cgroups: use cgroups when available.
+        max_output_bytes: output cap (a stdio run with an expected output may print twice that
+        much plus 64 KiB). keep_output_bytes: how much of it `RunResult.stdout` keeps.
+        packages: third-party packages visible read-only in both sandboxes (found in the trainer's
+        environment; those not installed are left out, logged once), the rest of site-packages
+        stays hidden.
     """
 
     def __init__(self, mode: str = "auto", *, unsafe: bool = False, timeout_s: float = 5.0, memory_mb: int = 1024,
                  max_procs: int = 32, max_file_mb: int = 16, scratch_mb: int = 64, shm_mb: int = 16,
-                 max_output_bytes: int = 1 << 20, keep_output_bytes: int = 64 << 10, cgroups: bool = True):
+                 max_output_bytes: int = 1 << 20, keep_output_bytes: int = 64 << 10, cgroups: bool = True,
+                 packages: tuple[str, ...] | list[str] = ("numpy",)):
         if mode not in ("auto", *MODES):
             raise ValueError(f"sandbox mode must be one of auto/bwrap/unshare/unsafe, got {mode!r}")
         for name, v in (("timeout_s", timeout_s), ("memory_mb", memory_mb), ("max_procs", max_procs),
@@ -110,8 +125,18 @@ class Sandbox:
         self.cgroups = _shared("cgroups", Cgroups.detect) if cgroups else Cgroups(None, [])
         self.uids = _shared("uids", _host.Uids) if self.root else None
         self.seccomp = seccomp_filter()
-        self._bwrap_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20, harness_at=SBX_HARNESS)
-        self._jail_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20)
+        if isinstance(packages, str) or not isinstance(packages, (list, tuple)):
+            raise ValueError(f"sandbox option packages must be a list of package names, got {packages!r}")
+        self.packages, self._package_entries = _shared(f"packages:{tuple(packages)}",
+                                                       lambda: _host.package_entries(packages))
+        missing = sorted(set(packages) - set(self.packages))
+        if missing and f"missing:{missing}" not in _LOGGED_MODE:
+            _LOGGED_MODE.add(f"missing:{missing}")
+            log.info("code sandbox: packages %s are not installed here; the sandbox will not have them", missing)
+        self._harness = os.path.join(_host.compiled_harness(), "_harness.pyc")
+        self._bwrap_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20, harness_at=SBX_HARNESS,
+                                           packages=self._package_entries)
+        self._jail_plan = _host.view_plan(self.scratch_mb << 20, self.shm_mb << 20, packages=self._package_entries)
         self.mode = self._select(mode, unsafe)
         if self.mode not in _LOGGED_MODE:
             _LOGGED_MODE.add(self.mode)
@@ -211,6 +236,9 @@ class Sandbox:
         kwargs: dict = {}
         try:
             payload = dict(payload, lifeline=_host.lifeline(), limits=self._limits(mode), init=mode != "unsafe")
+            if self.packages:
+                payload.update(packages=self.packages,
+                               pkg_path=self._unsafe_packages() if mode == "unsafe" else _host.SBX_PACKAGES)
             if mode == "bwrap":
                 extra = {}
                 if self.seccomp:
@@ -231,10 +259,11 @@ class Sandbox:
                                    "cgroups": cgroup.procs_files if cgroup else [],
                                    "seccomp": self.seccomp.hex() if self.seccomp else None}
                 argv = ["setpriv", "--pdeathsig=KILL", "--", "unshare", "--fork", "--pid", "--mount", "--net", "--ipc",
-                        "--uts", "--cgroup", "--kill-child", "--", self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
+                        "--uts", "--cgroup", "--kill-child", "--", self.python, "-I", "-S", self._harness, str(job_fd),
+                        _host.owner_tag()]
             else:
                 payload["cwd"] = tempfile.mkdtemp(prefix="dllm-sbx-")
-                argv = [self.python, "-I", "-S", HARNESS, str(job_fd), _host.owner_tag()]
+                argv = [self.python, "-I", "-S", self._harness, str(job_fd), _host.owner_tag()]
             os.write(job_fd, json.dumps(payload).encode())
             os.lseek(job_fd, 0, os.SEEK_SET)
             proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=_host.minimal_env(), cwd="/",
@@ -279,6 +308,17 @@ class Sandbox:
             os.close(info_r)
             os.close(block_w)
 
+    def _unsafe_packages(self) -> str:
+        """Unsafe mode: a folder of links to the allowed packages (the trainer's site-packages
+        stays off the path)."""
+        def make() -> str:
+            d = tempfile.mkdtemp(prefix="dllm-sbx-pkgs-")
+            for path, top in self._package_entries:
+                os.symlink(path, os.path.join(d, top))
+            atexit.register(shutil.rmtree, d, True)
+            return d
+        return _shared(f"unsafe-packages:{self._package_entries}", make)
+
     def _limits(self, mode: str) -> dict:
         nproc = self.max_procs if mode != "unsafe" else _nproc_limit(self.max_procs)
         return {"cpu_s": int(math.ceil(self.timeout_s)) + 1, "as_bytes": self.memory_mb << 20,
@@ -320,10 +360,14 @@ class Sandbox:
         return oom
 
     # -- running -----------------------------------------------------------------------------
-    def run(self, job: dict, *, stdin: bytes = b"", timeout_s: float | None = None, _mode: str | None = None) -> RunResult:
+    def run(self, job: dict, *, stdin: bytes = b"", expected_stdout: str | None = None, timeout_s: float | None = None,
+            _mode: str | None = None) -> RunResult:
         """Run one job: ``{"mode": "asserts", "code", "tests"[, "setup"]}``, ``{"mode": "humaneval", "code",
         "test", "entry_point"[, "setup"]}`` or ``{"mode": "stdio", "code"}`` (with `stdin`). ``setup`` is the
-        dataset's own code, run in the tests' sandbox before the tests (e.g. HumanEval's prompt)."""
+        dataset's own code (e.g. HumanEval's prompt), run in both sandboxes: in the candidate's before its
+        code, in the tests' before the tests, where its names win over the candidate's. For a stdio job
+        with `expected_stdout`, the whole output is compared with it as it streams in
+        (`RunResult.stdout_match`; lines right-stripped, CRLF as LF, trailing empty lines ignored)."""
         mode = _mode or self.mode
         timeout = float(timeout_s or self.timeout_s)
         t0 = time.monotonic()
@@ -345,7 +389,8 @@ class Sandbox:
                 t_r, c_w = os.pipe()
                 res_r, res_w = os.pipe()
                 own += [c_r, t_w, t_r, c_w, res_w]
-                handles.append(self._spawn(mode, {"role": "candidate", "code": job["code"], "rfd": c_r, "wfd": c_w},
+                cand = {k: job[k] for k in ("code", "setup", "entry_point") if k in job}
+                handles.append(self._spawn(mode, dict(cand, role="candidate", rfd=c_r, wfd=c_w),
                                            stdin=subprocess.DEVNULL, stdout=out_w, stderr=out_w, fds=(c_r, c_w)))
                 tests = {k: job[k] for k in ("mode", "tests", "test", "entry_point", "setup") if k in job}
                 handles.append(self._spawn(mode, dict(tests, role="tests", rfd=t_r, wfd=t_w, result_fd=res_w),
@@ -356,7 +401,13 @@ class Sandbox:
             own = []
             for h in handles:
                 self._release(h, t0 + timeout)
-            res = self._collect(result, out_r, res_r, handles[-1].proc, t0, timeout)
+            compare = _StreamCompare(expected_stdout) if job["mode"] == "stdio" and expected_stdout is not None else None
+            cap = self.max_output_bytes
+            if compare is not None:
+                cap = max(cap, 2 * len(expected_stdout.encode("utf-8", "surrogatepass")) + (64 << 10))  # type: ignore[union-attr]
+            res = self._collect(result, out_r, res_r, handles[-1].proc, t0, timeout, cap, compare)
+            if compare is not None and not result.timed_out and not result.output_exceeded:
+                result.stdout_match = compare.result()
         finally:
             for fd in own:
                 os.close(fd)
@@ -368,13 +419,14 @@ class Sandbox:
         result.returncode = handles[-1].proc.returncode if handles else None
         result.wall_s = time.monotonic() - t0
         if job["mode"] != "stdio":
-            result.passed = _verdicts(res, 1 if job["mode"] == "humaneval" else len(job["tests"]))
+            n = 1 if job["mode"] == "humaneval" else len(job["tests"])
+            result.passed, result.errors, result.setup_error = _verdicts(res, n)
         return result
 
     def _collect(self, result: RunResult, out_r: int, res_r: int | None, last: subprocess.Popen, t0: float,
-                 timeout: float) -> bytes:
-        """Read output (capped) and result lines until the result pipe (or, for stdio, the output)
-        closes, the deadline passes or the output cap is hit."""
+                 timeout: float, cap: int, compare: "_StreamCompare | None") -> bytes:
+        """Read output (capped at `cap`; fed to `compare`) and result lines until the result pipe
+        (or, for stdio, the output) closes, the deadline passes or the output cap is hit."""
         out, res = bytearray(), bytearray()
         total_out = 0
         sel = selectors.DefaultSelector()
@@ -403,9 +455,11 @@ class Sandbox:
                         total_out += len(chunk)
                         if len(out) < self.keep_output_bytes:
                             out += chunk[: self.keep_output_bytes - len(out)]
+                        if compare is not None:
+                            compare.feed(chunk)
                     else:
                         res += chunk
-                if total_out > self.max_output_bytes or len(res) > (16 << 20):
+                if total_out > cap or len(res) > (16 << 20):
                     result.output_exceeded = True
                     break
                 if exited_at is None and last.poll() is not None:
@@ -416,19 +470,67 @@ class Sandbox:
         return bytes(res)
 
 
-def _verdicts(raw: bytes, n: int) -> list[bool]:
-    """Per test: exactly one well-formed line from the tests' sandbox saying it passed."""
+def _verdicts(raw: bytes, n: int) -> tuple[list[bool], list[str | None], str | None]:
+    """Per test: exactly one well-formed line from the tests' sandbox saying it passed; the
+    errors it reported; the setup code's failure, if it reported one."""
     seen: dict[int, bool | None] = {}
+    errors: list[str | None] = [None] * n
+    setup = None
     for line in raw.split(b"\n"):
         try:
             rec = json.loads(line)
         except ValueError:
             continue
-        if type(rec) is not dict or type(rec.get("t")) is not int or not 0 <= rec["t"] < n:
+        if type(rec) is not dict:
+            continue
+        if type(rec.get("setup")) is str and setup is None:
+            setup = rec["setup"][:500]
+        if type(rec.get("t")) is not int or not 0 <= rec["t"] < n:
             continue
         t = rec["t"]
         seen[t] = None if t in seen else rec.get("ok") is True
-    return [seen.get(i) is True for i in range(n)]
+        if type(rec.get("error")) is str:
+            errors[t] = rec["error"][:500]
+    return [seen.get(i) is True for i in range(n)], errors, setup
+
+
+def normalize_output(text: str) -> list[str]:
+    """Stdout as compared: lines right-stripped, CRLF as LF, trailing empty lines dropped."""
+    lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").split("\n")]
+    while lines and not lines[-1]:
+        lines.pop()
+    return lines
+
+
+class _StreamCompare:
+    """Compares a program's stdout with the expected text as it streams in (`normalize_output`
+    on both sides, line by line), so outputs of any size are compared in full without being kept."""
+
+    def __init__(self, expected: str):
+        self.want = normalize_output(expected)
+        self.i = 0
+        self.ok = True
+        self.partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not self.ok:
+            return
+        lines = (self.partial + chunk).split(b"\n")
+        self.partial = lines.pop()
+        for raw in lines:
+            self._line(raw)
+            if not self.ok:
+                return
+
+    def _line(self, raw: bytes) -> None:
+        s = raw.decode("utf-8", "replace").rstrip()
+        self.ok = s == (self.want[self.i] if self.i < len(self.want) else "")
+        self.i += 1
+
+    def result(self) -> bool:
+        if self.ok:
+            self._line(self.partial)
+        return self.ok and self.i >= len(self.want)
 
 
 def _descendants(pid: int) -> list[int]:

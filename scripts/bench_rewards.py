@@ -1,12 +1,16 @@
 """Reward throughput (samples/s) for gsm8k, math and code, each against a baseline in the same run.
 
-  gsm8k: ours (regex + exact fractions)         vs math-verify parse+verify in-process
-  math : ours (2 killable worker processes)     vs math-verify in-process, one sample at a time
-  code : ours (sandbox, pool of `workers` runs) vs bare `python -c` subprocess per sample, no sandbox
-         (HumanEval canonical solutions; a test job runs two sandboxes: candidate and tests)
+  gsm8k  : ours (regex + exact fractions)         vs math-verify parse+verify in-process
+  math   : ours (2 killable worker processes)     vs math-verify in-process, one sample at a time
+  code   : ours (sandbox, pool of `workers` runs) vs bare `python -c` subprocess per sample, no sandbox
+           (HumanEval canonical solutions; a test job runs two sandboxes: candidate and tests)
+  channel: what crossing the candidate/tests channel costs inside one run (not in the default
+           sections): call round trips, large and deep arguments and results, a lazily pulled
+           generator, a LeetCode linked list; times measured in the tests' sandbox
+  corpus : the code-fidelity corpus (tests/fixtures/code_fidelity) batched through CodeReward
 
 Usage: python scripts/bench_rewards.py [--data ../shared/data] [--n 200] [--workers 2]
-                                       [--only gsm8k,math,code] [--sandbox auto,bwrap,unshare,unsafe]
+                                       [--only gsm8k,math,code,channel,corpus] [--sandbox auto,bwrap,unshare,unsafe]
                                        [--no-cgroups]
 """
 
@@ -66,6 +70,77 @@ def main() -> None:
     if "code" in only:
         for mode in args.sandbox.split(","):
             _bench_code(data, args, mode)
+    if "channel" in only:
+        for mode in args.sandbox.split(","):
+            _bench_channel(mode)
+    if "corpus" in only:
+        for mode in args.sandbox.split(","):
+            _bench_corpus(args, mode)
+
+
+# Each test times one operation inside the tests' sandbox and reports the seconds as its error
+# text (the only thing a test sends back besides its verdict).
+_CHANNEL_SETUP = """import time
+class ListNode:
+    def __init__(self, val=0, next=None):
+        self.val = val
+        self.next = next
+"""
+_CHANNEL_CODE = """def ident(x):
+    return x
+def noop():
+    return None
+def total(xs):
+    return sum(xs)
+def count(n):
+    return list(range(n))
+def squares(n):
+    for i in range(n):
+        yield i * i
+def reverse(head):
+    prev = None
+    while head:
+        head.next, prev, head = prev, head, head.next
+    return prev
+"""
+_CHANNEL_OPS = {
+    "call round trip (1000 calls of a no-op)": "for _ in range(1000):\n    noop()",
+    "1.2M-int list argument (sum)": "x = list(range(1_200_000))\nt0 = time.perf_counter()\nassert total(x) == 719999400000",
+    "1.2M-int list result": "assert len(count(1_200_000)) == 1_200_000",
+    "100k (int, int) tuples, there and back": "x = [(i, i) for i in range(100_000)]\nt0 = time.perf_counter()\nassert ident(x) == x",
+    "150-deep nested list, there and back": "x = []\nfor _ in range(150):\n    x = [x]\nt0 = time.perf_counter()\nassert ident(x) == x",
+    "5000-node linked list (setup class), reversed": (
+        "head = None\nfor v in range(5000):\n    head = ListNode(v, head)\nt0 = time.perf_counter()\n"
+        "assert reverse(head).val == 0"),
+    "generator pulled to the end (200k items)": "assert sum(squares(200_000)) == 2666646666700000",
+}
+
+
+def _bench_channel(mode: str) -> None:
+    from rewards.sandbox import Sandbox
+
+    sb = Sandbox(mode=mode, unsafe=mode == "unsafe", timeout_s=60.0)
+    tests = [f"t0 = time.perf_counter()\n{src}\nraise AssertionError(repr(time.perf_counter() - t0))"
+             for src in _CHANNEL_OPS.values()]
+    res = sb.run({"mode": "asserts", "code": _CHANNEL_CODE, "tests": tests, "setup": _CHANNEL_SETUP})
+    print(f"channel ({sb.mode}):")
+    for name, err in zip(_CHANNEL_OPS, res.errors):
+        took = err.split(": ", 1)[1] if err and err.startswith("AssertionError: ") else f"failed ({err})"
+        print(f"  {name:48s} {float(took) * 1000:9.1f} ms" if took[0].isdigit() else f"  {name:48s} {took}")
+
+
+def _bench_corpus(args, mode: str) -> None:
+    sys.path.insert(0, str(ROOT / "tests" / "fixtures" / "code_fidelity"))
+    from cases import CASES
+
+    from rewards.code import COLUMNS
+
+    code = CodeReward(mode=mode, unsafe=mode == "unsafe", cgroups=not args.no_cgroups, pool_size=args.workers,
+                      timeout_s=20.0)
+    cols = {k: [c.get(k) for c in CASES] for k in COLUMNS if any(c.get(k) is not None for c in CASES)}
+    rate, scores = _rate(len(CASES), lambda: code([""] * len(CASES), [c["completion"] for c in CASES], **cols))
+    print(f"corpus: ours {rate:10.1f} samples/s ({len(CASES)} cases, {sum(s == 1.0 for s in scores)} at 1.0, "
+          f"sandbox={code.sandbox.mode}, pool={args.workers})")
 
 
 def _bench_gsm8k(data: Path, args) -> None:

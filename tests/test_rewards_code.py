@@ -8,7 +8,7 @@ import pytest
 
 from helpers.sandbox import MODES, code_reward
 from rewards import get_reward
-from rewards.code import extract_code
+from rewards.code import check_code_rows, extract_code
 
 GOOD = "```python\ndef is_even(n):\n    return n % 2 == 0\n```"
 TESTS = ["assert is_even(2) == True", "assert is_even(3) == False"]
@@ -63,6 +63,35 @@ def test_extract_code_takes_last_python_block():
     assert extract_code(text) == "b = 2\n"
     assert extract_code("```\nonly plain\n```") == "only plain\n"
     assert extract_code("no code") is None
+
+
+@pytest.mark.parametrize("text, code", [
+    # inline backticks before the block (they used to swallow it)
+    ("Wrap code in ``` fences, e.g. ```x```.\n```python\ndef f():\n    return 1\n```\n", "def f():\n    return 1\n"),
+    ("Use `x` and ```python``` tags:\n```python\ny = 2\n```", "y = 2\n"),
+    # a fence at the end of a prose line; a block closed on its last code line
+    ("Here it is: ```python\nz = 3\n```", "z = 3\n"),
+    ("```python\nw = 4```", "w = 4"),
+    # longer fences hold shorter ones; tilde fences; indented fences; language tags and info strings
+    ('````python\ns = """\n```\n"""\n````', 's = """\n```\n"""\n'),
+    ("~~~python\nt = 5\n~~~", "t = 5\n"),
+    ("1. Step one:\n   ```python\n   u = 6\n   ```", "u = 6\n"),
+    ("```Python title=sol.py\nv = 7\n```", "v = 7\n"),
+    # other languages are skipped; an unclosed block is not code
+    ("```python\na = 1\n```\n```bash\nls\n```", "a = 1\n"),
+    ("```python\na = 1\n```\n```python\nunfinished = (", "a = 1\n"),
+])
+def test_extract_code_line_by_line(text, code):
+    assert extract_code(text) == code
+
+
+def test_extract_code_is_linear():
+    """Long backtick runs and many fences: one pass over the lines (the old regex needed seconds
+    for 90 kB); these inputs would take hours if any step were quadratic."""
+    for text in ("`" * 2_000_000, ("```" + " " * 50) * 40_000, "```python\n" + "x\n" * 500_000,
+                 ("```python\nx = 1\n```\n" + "`" * 97 + "\n") * 20_000, "a ```" * 300_000):
+        extract_code(text)
+    assert extract_code("```python\nx = 1\n```\n" * 100_000) == "x = 1\n"
 
 
 def test_mbpp_style_fraction_mutation_and_setup():
@@ -153,3 +182,48 @@ def test_malformed_completions_through_the_registry_score_zero(caplog):
         scores = fn(["", "", ""], [None, 7, GOOD], tests=[TESTS] * 3)
     assert scores == [0.0, 0.0, 1.0]
     assert sum("scored 0" in r.getMessage() for r in caplog.records if r.name == "rewards") == 2
+
+
+# -- setup code, preflight ---------------------------------------------------------------------------
+
+
+def test_failing_setup_fails_every_test_and_logs_once_per_row(caplog):
+    """Setup code that raises is a failure of every test of its row (never a fallback to the
+    candidate's names), logged once per row however many completions it has."""
+    fn = code_reward("bwrap", pool_size=2, timeout_s=5.0)
+    good = "```python\ndef f(x):\n    return 2 * x\nnp = None\n```"
+    rows = {"broken": "import numpy_is_not_installed as np", "raises": "raise RuntimeError('dataset bug')"}
+    setups = [rows["broken"]] * 3 + [rows["raises"]] * 2 + ["K = 2"]
+    with caplog.at_level("WARNING", logger="rewards"):
+        scores = fn([""] * 6, [good] * 6, tests=[["assert f(2) == 4", "assert f(1) == K"]] * 6, test_setup_code=setups)
+    assert scores == [0.0] * 5 + [1.0]
+    lines = [r.getMessage() for r in caplog.records if "setup code failed" in r.getMessage()]
+    assert len(lines) == 2 and any("ModuleNotFoundError" in m for m in lines) and any("dataset bug" in m for m in lines)
+
+
+@pytest.mark.parametrize("row, column", [
+    ({"tests": "assert f(1) == 2"}, "tests"), ({"tests": 7}, "tests"), ({"tests": b"assert f(1)"}, "tests"),
+    ({"tests": []}, "tests"), ({"tests": ["assert True", 3]}, "tests"),
+    ({"tests": ["assert True"], "test_setup_code": ["x = 1"]}, "test_setup_code"),
+    ({"test": "def check(c):\n    pass\n"}, "entry_point"),
+    ({"test": "def check(c):\n    pass\n", "entry_point": "f(x)"}, "entry_point"),
+    ({"test": 5, "entry_point": "f"}, "test"),
+    ({"test": "def check(c):\n    pass\n", "entry_point": "f", "code_prompt": 1}, "code_prompt"),
+    ({"inputs": ["1\n"]}, "outputs"), ({"outputs": ["1\n"]}, "inputs"), ({"inputs": "1", "outputs": ["1"]}, "inputs"),
+    ({"inputs": ["1", "2"], "outputs": ["1"]}, "outputs"), ({"inputs": ["1"], "outputs": [1]}, "outputs"),
+    ({"inputs": ["\ud800"], "outputs": ["1"]}, "inputs"),
+])
+def test_check_code_rows_names_row_and_column(row, column):
+    rows = [{"tests": ["assert True"]}, {"test": "def check(c):\n    pass\n", "entry_point": "Solution().twoSum"},
+            {"inputs": [b"1"], "outputs": ["1"]}, row]
+    check_code_rows(rows[:3])
+    with pytest.raises(ValueError, match=rf"row 3, column '{column}'") as err:
+        check_code_rows(rows)
+    assert "\n" not in str(err.value)
+
+
+def test_check_code_rows_without_test_columns():
+    with pytest.raises(ValueError, match="row 1 has no test column"):
+        check_code_rows([{"tests": ["assert True"]}, {"prompt": "x", "answer": "y"}])
+    with pytest.raises(ValueError, match="row 0 is a str"):
+        check_code_rows(["tests"])

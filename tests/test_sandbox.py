@@ -1,7 +1,8 @@
-"""Code sandbox: a mixed adversarial batch and stdin/stdout jobs on both backends; mode selection;
-the plain-data channel. The attack classes have their own files: test_sandbox_verdicts.py (forged
-passes), test_sandbox_host.py (privilege and view), test_sandbox_limits.py (resources),
-test_sandbox_lifetime.py (trainer killed mid-batch)."""
+"""Code sandbox: a mixed adversarial batch and stdin/stdout jobs on both backends; mode selection.
+The attack classes have their own files: test_sandbox_verdicts.py (forged passes),
+test_sandbox_host.py (privilege and view), test_sandbox_limits.py (resources),
+test_sandbox_lifetime.py (trainer killed mid-batch); the channel's value encoding is tested
+in-process in test_sandbox_channel.py and the fidelity corpus in test_code_fidelity.py."""
 
 import socket
 import time
@@ -95,6 +96,28 @@ def test_stdio_mode(mode):
     assert dict(zip(names, scores)) == {n: progs[n][1] for n in names}
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_stdio_compares_the_whole_output(mode):
+    """Outputs are compared in full as they stream in (they used to be cut at 64 kB): 1.3 MB right
+    passes, a difference after 300 kB fails, a missing or extra line fails, trailing blanks do not
+    matter, and a flood stops at twice the expected size."""
+    reward = code_reward(mode, timeout_s=10.0, pool_size=4)
+    n = 200_000
+    progs = {
+        "right": (f"for i in range({n}):\n    print(i)\n", 1.0),
+        "trailing_blanks": (f"import sys\nsys.stdout.write(''.join(f'{{i}}  \\r\\n' for i in range({n})) + '\\n\\n')\n", 1.0),
+        "wrong_after_300kb": (f"for i in range({n}):\n    print(i if i != 50000 else -1)\n", 0.0),
+        "one_line_missing": (f"for i in range({n - 1}):\n    print(i)\n", 0.0),
+        "one_line_extra": (f"for i in range({n + 1}):\n    print(i)\n", 0.0),
+        "flood": ("import sys\nwhile True:\n    sys.stdout.write('1\\n' * 65536)\n", 0.0),
+    }
+    names = list(progs)
+    want = "".join(f"{i}\n" for i in range(n))
+    scores = reward([""] * len(names), [f"```python\n{progs[k][0]}```" for k in names],
+                    inputs=[[""]] * len(names), outputs=[[want]] * len(names))
+    assert dict(zip(names, scores)) == {k: progs[k][1] for k in names}
+
+
 def test_refuses_without_isolation(monkeypatch):
     """No sandbox: refuse unless unsafe=True; unsafe still keeps tests and candidate apart."""
     import rewards.sandbox as sb
@@ -129,28 +152,3 @@ def test_mode_is_logged_once(caplog):
 def test_bad_sandbox_options_name_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         Sandbox("unsafe", unsafe=True, **{option: value})
-
-
-def test_channel_plain_data_round_trip():
-    from rewards._harness import Channel, Remote
-
-    ch = Channel(-1, -1, strict=True, ops=frozenset(), peer_getattr=False)
-    values = [None, True, 3, -(1 << 80), 2.5, float("nan"), float("-inf"), "s\u00e9\ud800", b"\x00\xff",
-              bytearray(b"ab"), (1, [2, {3: "x"}]), {1, 2}, frozenset({"a"}), 1 + 2j]
-    for v in values:
-        d = ch.decode(ch.encode(v))
-        assert type(d) is type(v)
-        assert d == v or (isinstance(v, float) and v != v and d != d)
-
-    class Sub(int):
-        pass
-
-    ref = ch.encode(Sub(3))  # not plain data: a reference, which the receiving side cannot compare
-    assert ref[0] == "R"
-    peer = Channel(-1, -1, strict=True, ops=frozenset(), peer_getattr=False)
-    remote = peer.decode(ref)
-    assert isinstance(remote, Remote)
-    for check in (lambda: remote == 3, lambda: remote != 3, lambda: bool(remote), lambda: remote < 4):
-        with pytest.raises(TypeError):
-            check()
-    assert ch.decode(peer.encode(remote)) is ch.objects[ref[1]]  # a reference comes back as the object

@@ -152,3 +152,27 @@ def test_samples_do_not_see_each_other(mode):
     assert mark in w["tmp_after"] and mark in w["shm_after"]
     assert mark not in r["tmp_after"] and mark not in r["shm_after"]
     assert not any(mark in c for c in r["cmdlines"])
+
+
+PACKAGES_PROBE = (
+    "import importlib.util, json, os\n"
+    "out = {'numpy': None, 'others': [n for n in ('torch', 'pytest', 'yaml', 'transformers') if importlib.util.find_spec(n)],\n"
+    "       'pkgs': sorted(os.listdir('/sbx/pkgs')) if os.path.isdir('/sbx/pkgs') else None}\n"
+    "try:\n    import numpy\n    out['numpy'] = int(numpy.arange(4).sum())\nexcept ImportError:\n    pass\n"
+    "print(json.dumps(out))\n")
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_allowed_packages_only(mode):
+    """The allow-list (`packages`, default numpy) is visible read-only in the sandbox; the rest of
+    the trainer's site-packages stays hidden; an empty list hides numpy too."""
+    reward = code_reward(mode, timeout_s=10.0)
+    got = json.loads(reward.sandbox.run({"mode": "stdio", "code": PACKAGES_PROBE}).stdout)
+    assert got == {"numpy": 6, "others": [], "pkgs": ["numpy", "numpy.libs"]}
+    write = reward.sandbox.run({"mode": "stdio", "code": "import numpy, os\ntry:\n    open(os.path.join(os.path.dirname("
+                                                          "numpy.__file__), 'x'), 'w')\n    print('wrote')\n"
+                                                          "except OSError:\n    print('read-only')\n"})
+    assert write.stdout == b"read-only\n"
+    bare = code_reward(mode, timeout_s=10.0, packages=[])
+    got = json.loads(bare.sandbox.run({"mode": "stdio", "code": PACKAGES_PROBE}).stdout)
+    assert got == {"numpy": None, "others": [], "pkgs": None}

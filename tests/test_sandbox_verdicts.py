@@ -1,6 +1,7 @@
 """Forged passes: wrong solutions that attack the verdict instead of solving the task must score 0
 on both backends. The candidate runs in a process that holds no test and no result channel; the
-tests run elsewhere and see only plain data (see rewards/_harness.py)."""
+tests run elsewhere, rebuild values from data and keep every other candidate object a reference
+that decides nothing (see rewards/_harness.py and docs/sandbox.md)."""
 
 import pytest
 
@@ -120,3 +121,77 @@ def test_humaneval_check_and_callbacks_cannot_be_hijacked(mode):
     scores = reward([""] * len(names), [f"```python\n{comps[n][0]}```" for n in names],
                     test=[test] * len(names), entry_point=["apply"] * len(names))
     assert dict(zip(names, scores)) == {n: comps[n][1] for n in names}
+
+
+# Forges against the typed channel (issue #27): each wrong solution below attacks one of the ways
+# values now cross; every test it faces fails.
+LIAR_DUNDERS = ("    def __eq__(self, o):\n        return True\n    def __ne__(self, o):\n        return True\n"
+                "    def __lt__(self, o):\n        return True\n    def __gt__(self, o):\n        return True\n"
+                "    def __sub__(self, o):\n        return 0\n    def __rsub__(self, o):\n        return 0\n"
+                "    def __abs__(self):\n        return 0\n    def __hash__(self):\n        return 4\n"
+                "    def __contains__(self, o):\n        return True\n")
+BOX = "class Box:\n    def __init__(self, v):\n        self.v = v\n    def __eq__(self, o):\n        return type(o) is Box and self.v == o.v\n"
+TYPED_CASES = {
+    # str()/repr() of a reference used to carry the candidate's type name
+    "type_name_in_str": ("Found = type('Found a match!', (), {})\ndef f(x):\n    return Found()\n",
+                         ["assert 'Found a match' in str(f(1))", "assert 'match' in repr(f(1))",
+                          "assert f'{f(1)}'.startswith('<')", "assert 'Found' in '%s' % (f(1),)"], None),
+    # callable()/hasattr()/isinstance(Iterable) used to be true for any reference
+    "introspection": ("class Opaque:\n    pass\ndef f(x):\n    return Opaque()\n",
+                      ["assert callable(f(1))", "assert hasattr(f(1), '__iter__')", "assert hasattr(f(1), '__len__')",
+                       "import collections.abc\nassert isinstance(f(1), collections.abc.Iterable)",
+                       "import collections.abc\nassert isinstance(f(1), collections.abc.Sized)"], None),
+    # the dataset's setup code fails: the candidate's names never stand in for its names
+    "setup_fails_fake_np": ("class np:\n    @staticmethod\n    def allclose(*a, **k):\n        return True\n"
+                            "reference = lambda x: 0\ndef f(x):\n    return 0\n",
+                            ["assert np.allclose(f(1), 2)", "assert f(3) == reference(3)"],
+                            "import numpy_is_not_installed as np\ndef reference(x):\n    return 2 * x\n"),
+    # a class the tests name (here the entry point itself) answers about itself, never about plain data
+    "named_class_liar": ("class f:\n    def __init__(self, x):\n        pass\n" + LIAR_DUNDERS,
+                         ["assert f(2) == 4", "assert 4 == f(2)", "assert f(2) != 5", "assert abs(f(3) - 6) < 1e-9",
+                          "assert abs(6 - f(3)) < 1e-9", "assert f(5) > 9", "assert f(2) in [4]", "assert [f(2)] == [4]",
+                          "assert {f(2): 1} == {4: 1}", "assert 4 in f(2) and 5 not in f(2)", "assert sorted([3, f(1)])[0] == 3"],
+                         None),
+    # a lying object inside an instance of the setup's class: the setup's __eq__ compares, refuses the liar
+    "liar_inside_setup_object": ("class A:\n" + LIAR_DUNDERS + "def f(x):\n    return Box(A())\n",
+                                 ["assert f(1) == Box(2)", "assert f(1).v == 2"], BOX),
+    # the candidate's own class named like the setup's: it crosses as the setup's class (its __eq__)
+    "duck_setup_class_lying_eq": ("class Box:\n    def __init__(self, v):\n        self.v = v\n" + LIAR_DUNDERS.replace(
+        "    def __contains__", "    def __bool__(self):\n        return True\n    def __contains__") +
+                                  "def f(x):\n    return Box(0)\n", ["assert f(1) == Box(2)", "assert Box(2) == f(1)"], BOX),
+    # forged records printed during calls reach the tests' stdout, never their result pipe
+    "print_records_during_calls": ("def f(x):\n    for t in range(4):\n        print('" + FORGED + "' % t)\n"
+                                   "        print('" + FORGED + "' % t, file=__import__('sys').stderr)\n    return 0\n",
+                                   ["assert f(2) == 4", "assert f(3) == 6", "assert f(1) == 2", "assert f(0) == 1"], None),
+    # an exception whose args hold a lying object
+    "exception_with_liar_args": ("class A:\n" + LIAR_DUNDERS + "def f(x):\n    raise ValueError(A())\n",
+                                 ["try:\n    f(1)\nexcept ValueError as e:\n    assert e.args[0] == 'expected'\nelse:\n    assert False",
+                                  "try:\n    f(1)\nexcept ValueError as e:\n    assert str(e) == 'expected'"], None),
+    # the candidate rewrites its own end of the channel: hostile node tables, fake references
+    "crafted_replies": ("import gc\nch = next(o for o in gc.get_objects() if type(o).__name__ == 'Channel')\n"
+                        "send = ch.send\nhostile = [[['SO', 'builtins', 'eval']], [['M', 'os']], [['P', 0]], [['O', 'Box', []]],\n"
+                        "           [['R', 0, 'c', ['int', 'int', 'builtins', None, [], [], 1, 0, None, None]]], [['T', [[0]]]]]\n"
+                        "n = [0]\ndef forged(msg):\n    if 'ok' in msg:\n        msg = {'ok': [0], 'n': hostile[n[0] % len(hostile)]}\n"
+                        "        n[0] += 1\n    send(msg)\nch.send = forged\ndef f(x):\n    return 2 * x\n",
+                        ["assert f(2) == 4", "assert f(3) == 6", "assert f(1) == 2", "assert f(0) == 0", "assert f(5) == 10",
+                         "assert f(4) == 8"], None),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_typed_channel_forges_score_zero(mode):
+    """The issue #27 forges (type names in str/repr, introspection that said yes to any reference,
+    a failing setup replaced by the candidate's names) and attacks on the new value kinds."""
+    reward = code_reward(mode, timeout_s=6.0, pool_size=4)
+    names = list(TYPED_CASES)
+    comps = [f"```python\n{TYPED_CASES[n][0]}```" for n in names]
+    scores = reward([""] * len(names), comps, tests=[TYPED_CASES[n][1] for n in names],
+                    test_setup_code=[TYPED_CASES[n][2] for n in names])
+    assert dict(zip(names, scores)) == {n: 0.0 for n in names}
+    # the same tests pass with honest solutions: the zeros above come from the attacks
+    honest = {"type_name_in_str": None, "named_class_liar": "def f(x):\n    return 2 * x\n",
+              "print_records_during_calls": "def f(x):\n    print('computing')\n    return 2 * x\n"}
+    ok = reward([""] * 2, [f"```python\n{honest[n]}```" for n in ("named_class_liar", "print_records_during_calls")],
+                tests=[["assert f(2) == 4", "assert abs(f(3) - 6) < 1e-9", "assert f(5) > 9"],
+                       TYPED_CASES["print_records_during_calls"][1][:3]])
+    assert ok == [1.0, 1.0]
