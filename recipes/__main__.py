@@ -6,6 +6,7 @@
     dllm-rl experiment=llada_gsm8k           # d1 on LLaDA-8B-Instruct (GPU): SFT on s1K, GRPO on GSM8K, d1's eval
     dllm-rl task=gsm8k task@sft_task=s1k     # each stage its own task (validation and test: the RL task)
     dllm-rl --cfg [overrides]                # print the composed config and exit
+    dllm-rl plan [overrides]                 # per-GPU memory of the run, item by item (plan.world_size, plan.gpu_memory_gib)
     dllm-rl --help
 
 A bad config or bad data (an override, a file, a split the recipe needs, prompts longer than the
@@ -14,6 +15,7 @@ model's positions) exits with status 2 and one line on stderr, before any traini
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__
@@ -26,7 +28,7 @@ def _help() -> str:
     for g in GROUPS:
         lines.append(f"  {g:<12} {', '.join(group_options(g))}")
     lines.append("\nTop-level keys: run_dir, seed, resume, device, logger.wandb.mode, sft.*, rl.*, "
-                 "task.*, sft_task.*, model.*, rollout.*, recipe.*, eval.* (see --cfg)")
+                 "task.*, sft_task.*, model.*, rollout.*, recipe.*, eval.*, plan.* (see --cfg)")
     return "\n".join(lines)
 
 
@@ -36,6 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in args):
         print(_help())
         return 0
+    if args[:1] == ["plan"]:
+        return _plan(args[1:])
     print_cfg = "--cfg" in args
     overrides = [a for a in args if a != "--cfg"]
     bad = [a for a in overrides if a.startswith("-")]
@@ -46,11 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     from recipes.config import load_config
     from recipes.schema import ConfigError
 
+    notes: list[str] = []
     try:
-        cfg = load_config(overrides)
+        cfg = load_config(overrides, notes=notes)
     except ConfigError as e:
         print(f"dllm-rl: config error: {e}", file=sys.stderr)
         return 2
+    if os.environ.get("RANK", "0") == "0":
+        for line in notes:  # e.g. a rollout.<key>=... that a stage's own setting shadows
+            print(f"[dllm-rl] note: {line}", flush=True)
     if print_cfg:
         from omegaconf import OmegaConf
 
@@ -67,6 +75,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dllm-rl: {kind} error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0
+
+
+def _plan(overrides: list[str]) -> int:
+    """``dllm-rl plan``: 0 when every stage fits, 1 when one does not, 2 on a bad config. Offline:
+    the model's config and the task's rows are read from disk (or the hub cache) only."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from recipes.plan import main as plan_main
+    from recipes.schema import ConfigError
+
+    try:
+        return plan_main(overrides)
+    except ConfigError as e:
+        print(f"dllm-rl: config error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -108,8 +108,9 @@ def _open_dict_overrides(overrides: list[str]) -> tuple[list[str], dict]:
     return out, replace
 
 
-def load_config(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Compose + resolve + validate; every failure becomes one :class:`ConfigError` line."""
+def load_config(overrides: list[str] | tuple[str, ...] = (), notes: list[str] | None = None) -> RunConfig:
+    """Compose + resolve + validate; every failure becomes one :class:`ConfigError` line.
+    ``notes``: gets the line of :func:`shadowed_rollout_overrides` (if any)."""
     from hydra.errors import HydraException
 
     try:
@@ -119,11 +120,53 @@ def load_config(overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
             if not isinstance(value, dict):
                 raise ConfigError(f"{key}={value!r}: expected a dict, e.g. {key}={{name: value}}")
             OmegaConf.update(cfg, key, value, merge=False, force_add=True)
-        return to_run_config(cfg)
+        run = to_run_config(cfg)
+        if notes is not None:
+            line = shadowed_rollout_overrides(cfg, list(overrides))
+            if line:
+                notes.append(line)
+        return run
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as e:
         raise ConfigError(explain(e, overrides)) from e
+
+
+# ---- one rule for rollout settings ----------------------------------------------------------------
+
+def shadowed_rollout_overrides(cfg: DictConfig, overrides: list[str]) -> str | None:
+    """One line naming every command-line ``rollout.<key>`` (or ``rollout=<option>`` key) that a
+    stage of the recipe does not see because its own ``<stage>.rollout.<key>`` is set on purpose
+    (configs/trainer: every other key is ``${rollout.<key>}``); None when nothing is shadowed."""
+    from recipes.schema import RECIPES
+
+    recipe = OmegaConf.select(cfg, "recipe.name")
+    stage_keys = [key for key, _ in RECIPES.get(recipe, ())]
+    keys: dict[str, str] = {}  # dotted key under rollout -> the override that set it
+    for o in overrides:
+        name, _, value = o.partition("=")
+        name = name.lstrip("+~")
+        if name.startswith("rollout."):
+            keys.setdefault(name[len("rollout."):], o)
+        elif name == "rollout":  # a group option: the keys its file sets
+            for k in OmegaConf.load(CONFIG_DIR / "rollout" / f"{value}.yaml").keys():
+                keys.setdefault(str(k), o)
+    explicit = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    shadowed = []
+    for stage in stage_keys:
+        node = cfg.get(stage)
+        for key, override in keys.items():
+            child = node
+            for part in ("rollout", *key.split(".")):  # an interpolation on the way: the key follows `rollout`
+                child = child._get_node(part) if isinstance(child, DictConfig) and part in child else None
+                if child is None or child._is_interpolation():
+                    break
+            if child is None or child._is_interpolation() or isinstance(child, DictConfig) or any(
+                    e == f"{stage}.rollout.{key}" or f"{stage}.rollout.{key}".startswith(e + ".") for e in explicit):
+                continue
+            shadowed.append(f"{override} does not reach {stage}.rollout.{key} (its trainer sets {child._value()!r}; "
+                            f"set {stage}.rollout.{key}=... to change it)")
+    return "shadowed rollout settings: " + "; ".join(shadowed) if shadowed else None
 
 
 # ---- one-line messages ---------------------------------------------------------------------------

@@ -28,30 +28,58 @@ def _world() -> tuple[int, int]:
     return D.get_rank(), D.get_world_size()
 
 
+def shard(rows: list, rank: int, world: int) -> list:
+    """This rank's rows: every ``world``-th row from ``rank`` (shard sizes differ by at most one)."""
+    return rows[rank::world]
+
+
+def calls_per_rank(num_rows: int, world: int, batch_size: int) -> int:
+    """Generation calls every rank makes for its shard of ``num_rows`` rows: the largest shard's
+    count, so that all ranks make the same collective calls (a ZeRO-3 gather per call, the vLLM
+    tensor-parallel group's batch exchange) whatever their shard sizes; a rank that runs out of rows
+    makes one-row calls whose output is dropped (:func:`generate_texts`)."""
+    return -(-(-(-num_rows // world)) // batch_size)
+
+
 @torch.no_grad()
 def generate_texts(engine: RolloutEngine, prompts: list, ro: RolloutOptions, *, batch_size: int,
-                   generator: torch.Generator | None = None) -> tuple[list[str], int]:
-    """Completions of ``prompts`` with the rollout engine; returns ``(texts, forward_passes)``."""
-    texts, passes = [], 0
-    for i in range(0, len(prompts), batch_size):
-        out = engine.generate(prompts[i:i + batch_size], options=ro, generator=generator)
-        texts += out.decode(engine.adapter.tokenizer)
+                   generator: torch.Generator | None = None, calls: int | None = None, filler=None,
+                   raw: bool = False) -> tuple[list[str], int, list[str]]:
+    """Completions of ``prompts`` with the rollout engine in batches of ``batch_size``; returns
+    ``(texts, forward_passes, raw canvases)`` (the canvases, special tokens kept, when ``raw``).
+    ``calls``: make exactly this many ``generate`` calls (:func:`calls_per_rank`), the calls past
+    the last batch on ``filler`` (one prompt; output dropped, its own generator)."""
+    texts, raws, passes = [], [], 0
+    tok = engine.adapter.tokenizer
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    for i in range(max(len(batches), calls or 0)):
+        if i >= len(batches):  # this rank's shard is done; the others still generate
+            device = generator.device if generator is not None else "cpu"
+            engine.generate([filler], options=ro, generator=torch.Generator(device=device).manual_seed(0))
+            continue
+        out = engine.generate(batches[i], options=ro, generator=generator)
+        texts += out.decode(tok)
+        if raw:
+            raws += tok.batch_decode(out.completion_ids.tolist(), skip_special_tokens=False)
         passes += out.num_forward_passes
-    return texts, passes
+    return texts, passes, raws
 
 
 def evaluate_rows(policy, task: Task, rows: list[dict], ro: RolloutOptions, *, batch_size: int = 128,
                   seed: int = 0, prefix: str = "eval/") -> dict[str, float]:
     """Exact-solve accuracy and mean reward of ``policy`` (a rollout engine, or a policy adapter:
     then an engine of ``ro.backend`` is built around it) on ``rows`` (sharded over ranks, summed
-    with one all-reduce so every rank returns the same numbers)."""
+    with one all-reduce so every rank returns the same numbers; every rank makes the same number of
+    generation calls, :func:`calls_per_rank`)."""
     rank, world = _world()
-    mine = rows[rank::world]
+    mine = shard(rows, rank, world)
     t0 = time.perf_counter()
     with engine_for(policy, ro) as engine:
         g = torch.Generator(device=next(engine.adapter.parameters()).device)
         g.manual_seed(seed)
-        texts, passes = generate_texts(engine, [r["prompt"] for r in mine], ro, batch_size=batch_size, generator=g)
+        texts, passes, _ = generate_texts(engine, [r["prompt"] for r in mine], ro, batch_size=batch_size, generator=g,
+                                          calls=calls_per_rank(len(rows), world, batch_size),
+                                          filler=rows[0]["prompt"] if rows else None)
     correct, reward = 0, 0.0
     if mine:
         correct = sum(task.correct(mine, texts))
@@ -94,17 +122,14 @@ def evaluate_rows_d1(engine: RolloutEngine, task: Task, rows: list[dict], ro: Ro
 
     kind = D1_TASKS[task.name]
     rank, world = _world()
-    mine = rows[rank::world]
-    tok = engine.adapter.tokenizer
+    mine = shard(rows, rank, world)
     t0 = time.perf_counter()
     g = torch.Generator(device=next(engine.adapter.parameters()).device)
     g.manual_seed(seed)
-    texts, raw, passes = [], [], 0
-    for i in range(0, len(mine), batch_size):
-        out = engine.generate([r["prompt"] for r in mine[i:i + batch_size]], options=ro, generator=g)
-        texts += out.decode(tok)
-        raw += tok.batch_decode(out.completion_ids.tolist(), skip_special_tokens=False)  # d1: the whole canvas
-        passes += out.num_forward_passes
+    # d1 keeps the whole canvas (special tokens) in its files
+    texts, passes, raw = generate_texts(engine, [r["prompt"] for r in mine], ro, batch_size=batch_size, generator=g,
+                                        calls=calls_per_rank(len(rows), world, batch_size),
+                                        filler=rows[0]["prompt"] if rows else None, raw=True)
     correct = sum(task.correct(mine, texts)) if mine else 0
     reward = float(sum(task.score(mine, texts).total)) if mine else 0.0
     items = [d1_eval_record(kind, eval_question(kind, r), text, d1_ground_truth(kind, r)) for r, text in zip(mine, raw)]

@@ -80,14 +80,16 @@ def _positions_hint(cfg: RunConfig) -> str:
     return "model.tiny.max_position_embeddings=<n>" if cfg.model.path is None else "a model with more positions"
 
 
-def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | None = None) -> None:
+def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | None = None) -> dict[str, int]:
     """``uses``: (split, rows, gen_length[, max prompt tokens]) for every way rows meet the model;
     gen_length 0 = SFT (prompt + response, truncated at ``sft.max_length``). ConfigError naming the largest need
-    when any row cannot fit."""
+    when any row cannot fit. Returns the token lengths it measured: ``<split>_prompt`` (the longest
+    prompt, after the cap), ``sft`` (the longest SFT example) and ``generation`` (the longest prompt +
+    gen_length: the vLLM engine's ``max_model_len``); empty when the tokenizer cannot be read here."""
     tokenizer, positions = model_limits(cfg, path)
-    if positions is None:
-        return
-    worst = (0, "")
+    if tokenizer is None:
+        return {}
+    worst, lengths = (0, ""), {}
     for split, rows, gen_length, *cap in uses:
         if not rows:
             continue
@@ -96,6 +98,8 @@ def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | 
             prompts = [min(p, cap[0]) for p in prompts]
         if gen_length:
             need = max(prompts) + gen_length
+            lengths[f"{split}_prompt"] = max(lengths.get(f"{split}_prompt", 0), max(prompts))
+            lengths["generation"] = max(lengths.get("generation", 0), need)
             why = f"the longest {split} prompt is {max(prompts)} tokens, + gen_length={gen_length}"
         else:
             sft = cfg.sft
@@ -103,35 +107,73 @@ def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | 
             need = max(min(p + max(len(r) + 1, sft.pad_response_to), sft.max_length) for p, r in zip(prompts, responses))
             if sft.example_format == "d1":  # every row is padded to max_length
                 need = sft.max_length
+            lengths["sft"] = max(lengths.get("sft", 0), need)
             why = f"SFT examples reach {need} tokens (sft.max_length={sft.max_length})"
         worst = max(worst, (need, why))
     need, why = worst
-    if need > positions:
+    if positions is not None and need > positions:
         raise ConfigError(f"task {task.name}: {why} needs {need} positions but the model has {positions} "
                           f"(set {_positions_hint(cfg)}, or shorten prompts / gen_length / sft.max_length)")
+    return lengths
 
 
-def check_training(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Task | None = None) -> None:
-    """Everything a training recipe needs from its task(s) before the first stage starts."""
+def check_rollout_engine(cfg: RunConfig, world_size: int) -> None:
+    """The vLLM engines fit the launch: ``tensor_parallel_size`` divides the world size, sleep mode
+    exists on this platform (one ConfigError line each)."""
+    if cfg.rollout.backend != "vllm":
+        return
+    from rollout.vllm_backend.engine import check_sleep, check_world
+
+    try:
+        check_world(cfg.rollout.vllm, world_size)
+        check_sleep(cfg.rollout.vllm)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_code_columns(task: Task, splits: tuple[str, ...]) -> None:
+    """A task scored by the code sandbox: malformed test columns stop the run here, one line naming
+    the split, row and column (``rewards.code.check_code_rows``), instead of scoring 0 later."""
+    if "code" not in task.rewards and task.accuracy_reward != "code":
+        return
+    from rewards.code import check_code_rows
+
+    for split in splits:
+        try:
+            check_code_rows(task.rows(split))
+        except ValueError as e:
+            raise DataError(f"task {task.name!r}, {split} split: {e}") from None
+
+
+def check_training(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Task | None = None) -> dict[str, int]:
+    """Everything a training recipe needs from its task(s) before the first stage starts; returns
+    the token lengths measured (:func:`check_lengths`)."""
+    check_rollout_engine(cfg, world_size)
     check_splits(cfg, task, world_size, sft_task)
+    check_code_columns(task, ("rl", "val", "test"))
     uses = [("val", task.rows("val"), cfg.rollout.gen_length), ("test", task.rows("test"), cfg.rollout.gen_length)]
+    sft_lengths: dict[str, int] = {}
     for key, _ in RECIPES[cfg.recipe.name]:
         stage = getattr(cfg, key)
         if isinstance(stage, SFTConfig):
             if sft_task is not None and sft_task is not task:
-                check_lengths(cfg, sft_task, [("sft", sft_task.rows("sft"), 0)])
+                sft_lengths = check_lengths(cfg, sft_task, [("sft", sft_task.rows("sft"), 0)])
             else:
                 uses.append(("sft", task.rows("sft"), 0))
         else:
             ro = stage.rollout if isinstance(stage, (DiffuGRPOConfig, UnmaskOrderConfig)) else cfg.rollout
             uses.append(("rl", task.rows("rl"), ro.gen_length, getattr(stage, "max_prompt_length", None)))
-    check_lengths(cfg, task, uses)
+    return {**sft_lengths, **check_lengths(cfg, task, uses)}
 
 
-def check_eval(cfg: RunConfig, task: Task, rows: list[dict], path: str | None = None) -> None:
-    """The eval recipe on one task: test rows exist and fit at the longest evaluated length."""
+def check_eval(cfg: RunConfig, task: Task, rows: list[dict], path: str | None = None,
+               world_size: int = 1) -> dict[str, int]:
+    """The eval recipe on one task: test rows exist and fit at the longest evaluated length; returns
+    the token lengths measured (:func:`check_lengths`)."""
+    check_rollout_engine(cfg, world_size)
     if not rows:
         raise DataError(f"task {task.name!r}: the test split is empty ({task.source or 'its data'})")
+    check_code_columns(task, ("test",))
     lengths = list(cfg.eval.gen_lengths) or ([max(D1_GEN_LENGTHS)] if cfg.eval.protocol == "d1" else
                                              [cfg.rollout.gen_length])
-    check_lengths(cfg, task, [("test", rows, max(lengths))], path=str(path) if path else cfg.eval.checkpoint)
+    return check_lengths(cfg, task, [("test", rows, max(lengths))], path=str(path) if path else cfg.eval.checkpoint)

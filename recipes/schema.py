@@ -184,6 +184,20 @@ class EvalConfig:
 
 
 @dataclass
+class PlanConfig:
+    """``dllm-rl plan`` (the per-GPU memory table of the composed run) and the memory check at
+    preflight (recipes/plan.py)."""
+
+    gpu_memory_gib: float = 0.0  # memory of one GPU; 0 = the visible GPU's (none visible: 80)
+    world_size: int = 0  # processes of the run; 0 = this launch's (`dllm-rl plan`: $WORLD_SIZE, else 8)
+    check: bool = True  # CUDA runs: stop at preflight when a stage is predicted not to fit (false: run anyway)
+
+    def __post_init__(self) -> None:
+        check_range("gpu_memory_gib", self.gpu_memory_gib, low=0)
+        check_range("world_size", self.world_size, low=0)
+
+
+@dataclass
 class RunConfig:
     """The composed config every recipe receives (``configs/config.yaml``)."""
 
@@ -199,6 +213,7 @@ class RunConfig:
     rollout: RolloutOptions = field(default_factory=RolloutOptions)
     recipe: RecipeConfig = field(default_factory=RecipeConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     sft: Any = None  # an SFTConfig (trainer@sft group)
     rl: Any = None  # a DiffuGRPOConfig / DPO / unmasking-order config (trainer@rl group)
 
@@ -218,6 +233,11 @@ class RunConfig:
                 got = "no trainer" if stage is None else f"a {type(stage).__name__}"
                 raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
                                   f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
+            trains_dllm = not isinstance(stage, UnmaskOrderConfig) or stage.train_dllm
+            if self.model.dtype != "float32" and not stage.bf16 and trains_dllm and not stage.lora.enabled:
+                raise ConfigError(f"{key}.bf16=false: model.dtype={self.model.dtype} weights would be updated by AdamW "
+                                  f"with no fp32 master copy; set {key}.bf16=true (DeepSpeed keeps fp32 master "
+                                  f"weights) or model.dtype=float32")
             if stage.lora.load_in_4bit:
                 if "zero3" in str(stage.deepspeed):
                     raise ConfigError(f"{key}.lora.load_in_4bit: 4-bit weights cannot be ZeRO-3 partitioned; use "

@@ -12,6 +12,7 @@ import torch
 from recipes.evaluation import _world
 from recipes.schema import RunConfig
 from rl import distributed as D
+from rl.checkpoint import param_checksum
 from rl.data import encode_prompt, left_pad
 from rl.tasks import Task
 
@@ -62,7 +63,7 @@ def train_unmask_order(cfg: RunConfig, task: Task, stage_dir: Path, dllm) -> dic
 
     def eval_fn(module, step: int) -> dict:
         # this rank's full weights (gathered under ZeRO-3): ranks must agree on it
-        state["param_checksum"] = float(sum(p.detach().double().sum() for p in module.parameters()))
+        state["param_checksum"] = param_checksum(module)
         return {"eval/val_accuracy": order_accuracy(module, task, val, ro, batch_size=bs, seed=cfg.seed)} if val else {}
 
     trainer = UnmaskOrderTrainer(config, dllm, task.rows("rl"), eval_fn=eval_fn, reward_fn=task.reward_fn())
@@ -74,6 +75,7 @@ def train_unmask_order(cfg: RunConfig, task: Task, stage_dir: Path, dllm) -> dic
         policy.eval()
         baseline = evaluate_rows(policy.dllm, task, test, ro, batch_size=bs, seed=cfg.seed)
         learned = order_accuracy(policy, task, test, ro, batch_size=bs, seed=cfg.seed)
+    trainer.close()
     return {"train": {k: v for k, v in last.items() if not k.startswith("timing/")},
             "checkpoint": str(stage_dir / "final"), "eval/accuracy": learned,
             "eval/accuracy_low_confidence_order": baseline["eval/accuracy"],

@@ -201,6 +201,22 @@ def load_checkpoint(engine, run_dir: str | Path, *, generators: dict[str, torch.
     return state
 
 
+# ----------------------------------------------------------------------------- checksum
+
+
+def param_checksum(module: nn.Module, chunk: int = 1 << 20) -> float:
+    """The sum of every parameter element of ``module``, accumulated in float64 ``chunk`` elements at
+    a time on the parameters' device: at most one chunk is ever converted to float64 (a whole
+    ``p.double()`` of LLaDA-8B's embedding would be a 4 GB copy). One host sync, at the end."""
+    total = None
+    for p in module.parameters():
+        flat = p.detach().reshape(-1)
+        for i in range(0, flat.numel(), chunk):
+            part = flat[i:i + chunk].sum(dtype=torch.float64)
+            total = part if total is None else total + part.to(total.device)
+    return float(total) if total is not None else 0.0
+
+
 # ----------------------------------------------------------------------------- HF export
 
 

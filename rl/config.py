@@ -114,16 +114,28 @@ class LoraOptions:
                               "(set lora.enabled=true)")
 
 
+# TRL's colocated engines use a 4096-token step budget: vLLM's memory profiler runs one dummy
+# step of max_num_batched_tokens tokens, and at its 32768 default the profiled activations leave
+# no room (TRL's comment: "misled by the high default value"). Ours is raised to one whole
+# sequence when max_model_len is longer: vLLM runs each non-causal sequence in one engine step.
+VLLM_BATCHED_TOKENS = 4096
+
+
 @dataclass
 class VLLMOptions:
     """Settings of the vLLM rollout engine (``backend=vllm``; README, "Rollout backends"). One
     engine per training process, colocated with training on the same device."""
 
-    tensor_parallel_size: int = 1  # devices per engine (> 1: ranks of a torchrun world form the groups)
+    tensor_parallel_size: int = 1  # devices per engine (> 1: ranks of a torchrun world form the groups; must divide it)
     gpu_memory_utilization: float = 0.3  # share of device memory the engine may take (CPU: of host memory)
     dtype: str = "auto"  # auto = the policy's dtype; else float32 | bfloat16 | float16
     max_num_seqs: int = 256  # rows per engine step (a larger batch takes more steps of the same call)
-    max_num_batched_tokens: int = 32768  # tokens per engine step
+    # tokens per engine step; 0 = max(VLLM_BATCHED_TOKENS, max_model_len) (TRL's colocate budget)
+    max_num_batched_tokens: int = 0
+    # longest prompt + generation the engine serves; 0 = set by the recipe from the stage's longest prompt
+    # (tokens) + its longest gen_length (outside a recipe: the model's positions)
+    max_model_len: int = 0
+    sleep: bool = False  # vLLM's sleep mode between generation and training (CUDA builds only): weights freed
     enforce_eager: bool = True  # no CUDA graphs / compilation: ~2 s startup
 
     def __post_init__(self) -> None:
@@ -131,7 +143,15 @@ class VLLMOptions:
         check_range("gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True)
         check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
         check_range("max_num_seqs", self.max_num_seqs, low=1)
-        check_range("max_num_batched_tokens", self.max_num_batched_tokens, low=1)
+        check_range("max_num_batched_tokens", self.max_num_batched_tokens, low=0)
+        check_range("max_model_len", self.max_model_len, low=0)
+        if self.max_num_batched_tokens and self.max_model_len and self.max_num_batched_tokens < self.max_model_len:
+            raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens}: must be >= max_model_len="
+                              f"{self.max_model_len} (vLLM runs each non-causal sequence whole in one engine step)")
+
+    def batched_tokens(self, max_model_len: int) -> int:
+        """The engine's step budget for sequences of up to ``max_model_len`` tokens."""
+        return self.max_num_batched_tokens or max(VLLM_BATCHED_TOKENS, max_model_len)
 
 
 @dataclass

@@ -53,6 +53,16 @@ def init_distributed(backend: str | None = None) -> None:
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
+def release_memory() -> None:
+    """Collect garbage (DeepSpeed engines hold reference cycles) and return the CUDA caching
+    allocator's free blocks to the device, so the next model of the process can use them."""
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def device() -> torch.device:
     """The accelerator device of this rank (``cpu`` without CUDA)."""
     if torch.cuda.is_available():

@@ -10,11 +10,12 @@ completion_ids, the dataset's columns, trainer_state); pass ``reward_funcs`` (ca
 registered names) with ``config.reward_weights`` as in TRL, or name them in ``config.rewards``.
 
 Loss normalisation (d1 Eq. 3's 1/|o_i| token mean): token-level terms are summed over every
-valid completion token of the step's whole local batch and divided by that batch's token count
-(sequence-level: the mean over its sequences), so the loss and its gradient do not depend on
-``micro_batch_size``. d1 (TRL 0.16's GRPOTrainer) divides per micro-batch instead: with its 12
-completions per step in micro-batches of 6, each half is normalised by its own token count, which
-weighs the tokens of the shorter half more. The two agree when micro-batch = local batch.
+valid completion token of the step's whole batch, all ranks together, and divided by that batch's
+token count (sequence-level: the mean over its sequences), so the loss and its gradient depend
+neither on ``micro_batch_size`` nor on how the batch is split over ranks. d1 (TRL 0.16's
+GRPOTrainer) divides per micro-batch instead: with its 12 completions per step in micro-batches
+of 6, each half is normalised by its own token count, which weighs the tokens of the shorter half
+more. The two agree when micro-batch = local batch.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import time
 import torch
 
 from rewards import compose, compose_funcs, reward_inputs
+from rl import distributed as D
 from rl.config import DiffuGRPOConfig
 from rl.data import check_columns, encode_prompt, left_pad, prompt_text
 from rl.estimators import MaskSample, clamp_log_ratio, get_estimator
@@ -109,8 +111,10 @@ class DiffuGRPOTrainer(Trainer):
             prompts = [p[-cfg.max_prompt_length:] for p in prompts]
         prompt_ids, prompt_mask = left_pad(prompts, self.tokenizer.pad_token_id)
         g = cfg.num_generations
-        return self.rollouts.generate(prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0),
-                                      options=cfg.rollout, generator=self.generators["rollout"])
+        out = self.rollouts.generate(prompt_ids.repeat_interleave(g, 0), prompt_mask.repeat_interleave(g, 0),
+                                     options=cfg.rollout, generator=self.generators["rollout"])
+        self.rollouts.sleep()  # vLLM's sleep mode: the update gets the engine's memory back
+        return out
 
     def score(self, rows: list[dict], completions: list[str], completion_ids: list[list[int]] | None = None):
         """Rewards of the G completions of each row, called with TRL's keywords (rewards.reward_inputs)."""
@@ -184,7 +188,15 @@ class DiffuGRPOTrainer(Trainer):
                 with self.reference() as ref_model:
                     ref = [logps_all(ref_model, s) for s in samples]
 
-        n_tokens = cmask.sum().clamp(min=1)
+        # Normalisers over the *global* batch: DeepSpeed averages gradients over ranks, so each rank
+        # divides its sums by (all ranks' count / world size); with one process these are the local
+        # counts. Two ranks x b rows then give the loss and gradients of one process with 2b rows
+        # even when the ranks' completions have different lengths (tests/test_rank_equivalence.py).
+        local = torch.stack([cmask.sum(), torch.full((), float(n), device=cmask.device)])
+        counts = D.all_reduce_sum(local)  # [tokens, rows] over all ranks (float64, CPU: one sync per step)
+        world = D.get_world_size()
+        n_tokens = max(float(counts[0]), 1.0) / world
+        n_rows = float(counts[1]) / world
         sums = torch.zeros(3, device=self.device)  # loss, kl, clipped fraction
         grad_norms = []
         for k, sample in enumerate(samples):
@@ -198,7 +210,7 @@ class DiffuGRPOTrainer(Trainer):
                 if self.token_level:  # token-mean over completion_mask, over the whole local batch
                     w = cmask[sl] / n_tokens
                 else:  # sequence-level ratio on the ELBO estimate, mean over sequences
-                    w = torch.full_like(per_el, 1.0 / n)
+                    w = torch.full_like(per_el, 1.0 / n_rows)
                 loss = (per_el * w).sum()
                 self.backward_and_step(loss * len(chunks))  # DeepSpeed divides by grad_accum
                 sums += torch.stack([loss.detach(), (kl.detach() * w).sum(), (clipped.float() * w).sum()])

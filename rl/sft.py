@@ -6,7 +6,7 @@ import torch
 
 from rl.config import SFTConfig
 from rl.data import check_columns
-from rl.losses import diffusion_sft_loss
+from rl.losses import diffusion_sft_loss, draw_sft_noise
 from rl.sft_format import encode_sft_example, get_sft_format  # noqa: F401  (re-exported)
 from rl.trainer import Trainer
 
@@ -50,17 +50,24 @@ class SFTTrainer(Trainer):
                       pad_response_to=cfg.pad_response_to) for r in rows]
         return {k: v.to(self.device) for k, v in collate_sft(enc, self.tokenizer.pad_token_id).items()}
 
+    def draw_noise(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(t [B, 1], masked [B, T])`` of the step's whole local batch, drawn once (so the masks do
+        not depend on ``micro_batch_size``) from the trainer's mask generator."""
+        return draw_sft_noise(batch["response_mask"], self.generators["mask"], self.config.eps)
+
     def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
         batch = self.batch(rows)
         n = batch["input_ids"].shape[0]
+        t, masked = self.draw_noise(batch)
         total = torch.zeros((), device=self.device)
-        for sl in self.micro_batches(n):
+        chunks = self.micro_batches(n)
+        for sl in chunks:
             loss = diffusion_sft_loss(self.model, batch["input_ids"][sl], batch["response_mask"][sl],
                                       mask_id=self.mask_id, attention_mask=batch["attention_mask"][sl],
-                                      generator=self.generators["mask"], eps=self.config.eps)
+                                      noise=(t[sl], masked[sl]))
             # each micro-batch is a mean over its rows; weight it by its share of the batch
-            scaled = loss * (sl.stop - sl.start) / n * len(self.micro_batches(n))
-            self.backward_and_step(scaled)
+            # (DeepSpeed divides by the accumulation steps, len(chunks))
+            self.backward_and_step(loss * (sl.stop - sl.start) / n * len(chunks))
             total += loss.detach() * (sl.stop - sl.start) / n
         return {"loss": total, "grad_norm": self.grad_norm()}
 

@@ -20,9 +20,10 @@ import torch.distributed as dist
 
 from rl import distributed as D
 from rl.checkpoint import export_hf, load_checkpoint, save_checkpoint
-from rl.config import TrainerConfig
+from rl.config import ConfigError, TrainerConfig
 from rl.data import ShuffledIterator
-from rl.engine import build_engine, build_reference, gathered_for_generation, init_distributed, unwrap
+from rl.engine import (build_engine, build_reference, gathered_for_generation, init_distributed, release_memory,
+                       unwrap)
 from rl.tracking import Tracker
 from rollout.engine import RolloutEngine, build_rollout_engine
 
@@ -96,6 +97,22 @@ def apply_lora(policy: torch.nn.Module, options, seed: int = 0) -> None:
         policy.model = get_peft_model(policy.model, cfg)
 
 
+def check_master_weights(model: torch.nn.Module, bf16: bool) -> None:
+    """Refuse (one :class:`ConfigError` line) to train 16-bit weights without DeepSpeed's bf16
+    section: torch's AdamW would update bf16/fp16 tensors in place, with no fp32 master copy, and
+    updates below half a bf16 ulp (2^-8 of the weight) would be rounded away. With ``bf16=True``
+    DeepSpeed keeps fp32 master weights (ZeRO-1/2/3 partitions, or its bf16 optimizer wrapper at
+    ZeRO-0) and casts the module to bf16 for the forward."""
+    if bf16:
+        return
+    low = sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()
+                  if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16)})
+    if low:
+        raise ConfigError(f"bf16=false: the trainable weights are {', '.join(low)} and AdamW would update them "
+                          f"with no fp32 master copy; set bf16=true (DeepSpeed keeps fp32 master weights) or load "
+                          f"the model in float32 (model.dtype=float32)")
+
+
 def enable_gradient_checkpointing(policy: torch.nn.Module) -> None:
     """Recompute each decoder layer's activations in the backward pass (transformers models);
     non-reentrant, so it also works when only LoRA adapters require grad."""
@@ -127,6 +144,7 @@ class Trainer:
             enable_gradient_checkpointing(self.adapter())
         if config.lora.enabled:
             apply_lora(self.adapter(), config.lora, seed=config.seed)
+        check_master_weights(policy, config.bf16)
         ds_config = resolve_deepspeed_config(config.deepspeed)
         # A frozen copy is taken before DeepSpeed partitions the policy; with LoRA the reference
         # is the same network with its adapters disabled (no copy at all).
@@ -224,6 +242,8 @@ class Trainer:
             module.eval()
             metrics = self.eval_fn(module, self.step)
         self.engine.module.train(was_training)
+        if self.rollouts is not None:
+            self.rollouts.sleep()  # vLLM's sleep mode: its memory goes back to training
         return self.reduce_metrics(metrics)
 
     def reduce_metrics(self, metrics: dict) -> dict[str, float]:
@@ -298,6 +318,21 @@ class Trainer:
             self.rollouts.close()
         self.tracker.close()
         return last
+
+    def close(self) -> None:
+        """Free what the trainer holds: its rollout engine (when it built it), the DeepSpeed engines
+        (optimizer states, gradient buffers, ZeRO hooks: ``DeepSpeedEngine.destroy``), the reference
+        and the policy, then collect. A recipe calls this before loading the stage's checkpoint
+        again for the test evaluation, so two copies of the weights never coexist. The trainer
+        cannot be used afterwards."""
+        if self.rollouts is not None and self._owns_rollouts:
+            self.rollouts.close()
+        for engine in (getattr(self, "engine", None), getattr(self, "ref", None)):
+            if engine is not None and hasattr(engine, "destroy"):
+                engine.destroy()
+        self.engine = self.ref = self.policy = self.rollouts = self.eval_fn = None
+        self.train_dataset = []
+        release_memory()
 
 
 def _as_dict(cfg) -> dict:

@@ -5,6 +5,7 @@ Built once from the rollout options (``rl.config.RolloutOptions``: the sampler's
 
     rollout = engine.generate(prompts)            # texts / chat messages, or ids + attention_mask
     seconds = engine.update_weights()             # after an optimizer step (None: nothing to sync)
+    engine.sleep()                                # a generation phase ended (vLLM's sleep mode)
 
 Backends (``options.backend``):
 
@@ -116,8 +117,14 @@ class RolloutEngine:
         generates with the training weights themselves (torch)."""
         return None
 
+    def sleep(self) -> None:
+        """End of a generation phase: a backend with its own memory may hand it back to training
+        until the next :meth:`generate` (vLLM's sleep mode, ``rollout.vllm.sleep``); no-op here."""
+
     def close(self) -> None:
-        """Release what the backend holds (nothing for torch)."""
+        """Release what the backend holds and forget the attached model (so a closed engine keeps
+        no trainer alive)."""
+        self.model = None
 
     def __enter__(self) -> "RolloutEngine":
         return self

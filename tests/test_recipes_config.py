@@ -165,6 +165,21 @@ def test_main_exits_2_with_one_line_on_stderr(capsys):
     assert err.count("\n") == 0 and "None" not in err and "bad override syntax" in err
 
 
+def test_malformed_code_rows_stop_at_preflight(tmp_path, capsys):
+    """A code task whose `tests` column is a string (not a list of asserts) stops before any model
+    is built, with one line naming the split, row and column (rewards.code.check_code_rows)."""
+    import json
+
+    data = tmp_path / "code.jsonl"
+    rows = [{"prompt": f"def f{i}(x):", "tests": ["assert f(1) == 1"]} for i in range(3)]
+    rows[2]["tests"] = "assert f(1) == 1"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["recipe=eval", "task=local", f"task.path={data}", "task.rewards={code: 1.0}",
+                 "task.accuracy_reward=code", "task.num_test=3", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "test split" in err and "column 'tests'" in err and "row" in err, err
+
+
 def test_cli_error_path_does_not_import_torch():
     """The config error path stays light (the < 5 s promise): no torch/deepspeed import."""
     code = ("import sys; from recipes.__main__ import main; rc = main(['rl.lr=abc']); "
@@ -194,6 +209,8 @@ def test_every_group_option_composes():
             overrides = [f"{group}={option}"]
             if option == "local":
                 overrides.append("task.path=data.jsonl")
+            if group == "model" and option != "tiny":  # bf16 weights train with DeepSpeed's bf16 (fp32 master)
+                overrides += ["sft.bf16=true", "rl.bf16=true"]
             cfg = load_config(overrides)
             assert getattr(cfg, key) is not None
     for option in group_options("trainer"):

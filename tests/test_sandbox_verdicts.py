@@ -85,7 +85,10 @@ ATTACKS = {
     "fake_math_object": ("class M:\n    def isclose(self, *a, **k):\n        return True\n    def __call__(self, *a):\n"
                          "        return True\nmath = M()\ndef f(x):\n    return 0\ndef g(x):\n    return []\n"),
     "claims_stdlib_origin": WRONG + "f.__module__ = 'math'\nf.__qualname__ = 'isclose'\n",
-    "huge_and_deep_results": ("import math\ndef f(x):\n    return list(range(3 * 10 ** 6))\ndef g(x):\n    v = []\n"
+    # huge and deep results cross as what they are and decide nothing they should not (f stays wrong:
+    # a huge list from f would pass `f(1) != 0` legitimately, as in plain Python)
+    "huge_and_deep_results": ("import math\ndef f(x):\n    return 0\ndef g(x):\n    if len(x) == 3:\n"
+                              "        return list(range(3 * 10 ** 6))\n    v = []\n"
                               "    for _ in range(5000):\n        v = [v]\n    return v\n"),
     "sleep_forever": "import time, math\ndef f(x):\n    time.sleep(100)\ndef g(x):\n    time.sleep(100)\n",
     "look_for_the_tests": ("import os, glob\nfound = []\nfor p in glob.glob('/proc/*/cmdline') + glob.glob('/proc/*/environ'):\n"

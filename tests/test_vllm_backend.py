@@ -30,7 +30,7 @@ from rollout import PolicyAdapter, build_tiny_policy
 from rollout.engine import RolloutEngine, build_rollout_engine
 from rollout.remasking import needed_stats
 from rollout.sampler import TorchDenoiser
-from rollout.vllm_backend.engine import VLLMDenoiser, VLLMEngine, check_model
+from rollout.vllm_backend.engine import VLLMDenoiser, VLLMEngine, check_model, live_engines
 
 TORCH = RolloutOptions(gen_length=16, block_length=8, steps=8)
 VLLM = dataclasses.replace(TORCH, backend="vllm")
@@ -49,14 +49,39 @@ def _policy(family: str, published_folder):
     return PolicyAdapter.from_pretrained(str(folder)), str(folder)
 
 
+def close_live_engines() -> None:
+    """Close this process's running vLLM engines (one runs at a time: VLLMEngine refuses a second)."""
+    for engine in live_engines():
+        engine.close()
+
+
+class _Engines:
+    """``(policy, torch engine, vllm engine)`` of one model. The vLLM engine is (re)started when
+    used, so a test that builds its own engine can close this one first."""
+
+    def __init__(self, family: str, published_folder):
+        self.policy, self.folder = _policy(family, published_folder)
+        self.torch = RolloutEngine(TORCH, self.policy)
+        self._vllm: VLLMEngine | None = None
+
+    @property
+    def vllm(self) -> VLLMEngine:
+        if self._vllm is None or self._vllm.llm is None:
+            close_live_engines()
+            self._vllm = VLLMEngine(VLLM, self.policy, checkpoint=self.folder)
+        return self._vllm
+
+    def __iter__(self):
+        return iter((self.policy, self.torch, self.vllm))
+
+
 @pytest.fixture(scope="module", params=["bert", "eurobert", "llada", "dream"])
 def engines(request, published_folder):
     """``(policy, torch engine, vllm engine)``; LLaDA and Dream start from the published folder
     (vLLM's loader reads the published tensor names), the others from the policy's tensors."""
-    policy, folder = _policy(request.param, published_folder)
-    vllm_engine = VLLMEngine(VLLM, policy, checkpoint=folder)
-    yield policy, RolloutEngine(TORCH, policy), vllm_engine
-    vllm_engine.close()
+    pair = _Engines(request.param, published_folder)
+    yield pair
+    close_live_engines()
 
 
 def _same(a, b) -> None:
@@ -162,6 +187,7 @@ def test_zero3_engine_and_lora_are_served_after_optimizer_steps():
     from rl.losses import diffusion_sft_loss
     from rl.trainer import apply_lora
 
+    close_live_engines()
     policy = build_tiny_policy(seed=0, arch="bert")
     apply_lora(policy, LoraOptions(enabled=True, r=4, alpha=8, dropout=0.0, target_modules=["query", "value"]))
     engine = build_engine(policy, "zero3", lr=0.05, total_steps=2, micro_batch_size=2)
@@ -185,6 +211,7 @@ def test_zero3_engine_and_lora_are_served_after_optimizer_steps():
 def test_grpo_trainer_on_vllm_logs_weight_sync_and_serves_trained_weights(tmp_path):
     from helpers.toy_grpo import make_trainer
 
+    close_live_engines()
     with VLLMEngine(VLLM) as vllm_engine:
         trainer = make_trainer(str(tmp_path / "run"), max_steps=2, lr=3e-2, backend="vllm", rollouts=vllm_engine)
         last = trainer.train()
@@ -195,18 +222,33 @@ def test_grpo_trainer_on_vllm_logs_weight_sync_and_serves_trained_weights(tmp_pa
               vllm_engine.generate(ids, mask, options=greedy))
 
 
-def test_default_recipe_runs_on_vllm(tmp_path):
-    """``dllm-rl rollout.backend=vllm`` at test sizes: both stages train, validate and test on vLLM."""
+def test_default_recipe_runs_on_vllm(tmp_path, monkeypatch):
+    """``dllm-rl rollout.backend=vllm`` at test sizes: both stages train, validate and test on vLLM,
+    then the final checkpoint's eval table; at most one engine runs at any time (each stage's is
+    closed before its test evaluation starts another), each sized to the run's longest prompt +
+    generation (max_model_len, set at preflight)."""
     import json
 
+    import rollout.vllm_backend.engine as vllm_engine_module
     from recipes.__main__ import main
     from test_recipes import SMALL
 
+    close_live_engines()
+    started = []
+    start = vllm_engine_module.start_llm
+
+    def recording_start(*args, **kwargs):
+        started.append((len(live_engines()), kwargs.get("max_model_len")))
+        return start(*args, **kwargs)
+
+    monkeypatch.setattr(vllm_engine_module, "start_llm", recording_start)
     run_dir = tmp_path / "run"
     assert main([*SMALL, "model.tiny.num_attention_heads=2", "rollout.backend=vllm", f"run_dir={run_dir}",
-                 "logger.wandb.mode=disabled"]) == 0
+                 "logger.wandb.mode=disabled", "recipe.final_eval=true"]) == 0
+    assert len(started) == 5 and all(running == 0 for running, _ in started)  # 2 stages, 2 tests, final eval
+    assert all(0 < length < 512 for _, length in started)  # prompt + gen_length, not the model's 512 positions
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert {"sft", "rl"} <= set(summary)
+    assert {"sft", "rl", "final_eval"} <= set(summary)
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert any("timing/weight_sync" in r for r in rows if r.get("stage") == "rl")
 

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from typing import Any
 
 import torch
@@ -34,6 +35,40 @@ from rollout.weights import hf_weights
 
 # vLLM's CPU attention backend accepts these head sizes only (others fail at the first forward).
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+# The model config keys that bound a sequence's length (LLaDA's published key, then the usual ones).
+POSITION_KEYS = ("max_sequence_length", "max_position_embeddings", "n_positions")
+# Engines of this process that hold a running vLLM ``LLM`` (at most one: each takes its
+# ``gpu_memory_utilization`` share of the device).
+_LIVE: "weakref.WeakSet[VLLMEngine]" = weakref.WeakSet()
+
+
+def live_engines() -> list["VLLMEngine"]:
+    """The engines of this process whose vLLM ``LLM`` is running."""
+    return [e for e in list(_LIVE) if e.llm is not None]
+
+
+def model_positions(config) -> int | None:
+    """The longest sequence the model's config allows (None when it states none)."""
+    return next((int(getattr(config, k)) for k in POSITION_KEYS if getattr(config, k, None)), None)
+
+
+def check_world(settings: Any, world_size: int) -> None:
+    """One ``ValueError`` line when the engines cannot be laid out over ``world_size`` ranks."""
+    tp = settings.tensor_parallel_size
+    if world_size % tp:
+        raise ValueError(f"rollout.vllm.tensor_parallel_size={tp}: must divide the number of processes "
+                         f"({world_size}); each group of {tp} consecutive ranks shares one engine")
+
+
+def check_sleep(settings: Any) -> None:
+    """One ``ValueError`` line when ``rollout.vllm.sleep`` is asked on a platform without it."""
+    if not settings.sleep:
+        return
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_sleep_mode_available():
+        raise ValueError(f"rollout.vllm.sleep=true: vLLM's sleep mode needs a CUDA, ROCm or XPU device "
+                         f"(this vLLM runs on {current_platform.device_type}); set rollout.vllm.sleep=false")
 
 
 def _hf_model(model: nn.Module) -> nn.Module:
@@ -61,30 +96,40 @@ def check_model(config) -> None:
                          f"supported by vLLM's CPU attention (supported: {', '.join(map(str, CPU_HEAD_SIZES))})")
 
 
-def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto"):
+def start_llm(path: str, settings: Any, *, dtype: str, load_format: str = "auto", max_model_len: int | None = None):
     """A vLLM ``LLM`` serving the checkpoint folder ``path`` as our pooling dLLM, in this process.
     ``settings``: ``RolloutOptions.vllm``; ``load_format="dummy"`` leaves the weights to
-    :meth:`VLLMEngine.update_weights`."""
+    :meth:`VLLMEngine.update_weights`. As TRL's colocate mode: ``max_model_len`` = prompt +
+    generation, a step budget vLLM's memory profiler handles (:meth:`VLLMOptions.batched_tokens`),
+    one engine per group of ``tensor_parallel_size`` ranks (``external_launcher``), sleep mode when
+    ``settings.sleep``."""
     from vllm import LLM
     from vllm.platforms import current_platform
 
     from rollout.vllm_backend import register
     from rollout.vllm_backend.models import to_vllm_config
 
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    check_world(settings, world)
+    check_sleep(settings)
     if current_platform.is_cpu():
         # follow torch's thread setting (the recipes run one thread) instead of pinning every core
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
     register()
     kw = {}
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if world > 1:
         kw["distributed_executor_backend"] = "external_launcher"  # one engine per rank (TRL's colocate)
+    if max_model_len:
+        kw["max_model_len"] = int(max_model_len)
+    if settings.sleep:
+        kw["enable_sleep_mode"] = True
     set_num_threads = torch.set_num_threads  # vLLM's CPU worker disables it for the whole process
     try:
         return LLM(model=str(path), runner="pooling", hf_overrides=to_vllm_config, skip_tokenizer_init=True,
                    load_format=load_format, dtype=dtype, tensor_parallel_size=settings.tensor_parallel_size,
                    gpu_memory_utilization=settings.gpu_memory_utilization, max_num_seqs=settings.max_num_seqs,
-                   max_num_batched_tokens=settings.max_num_batched_tokens, enforce_eager=settings.enforce_eager,
-                   enable_prefix_caching=False, seed=0, **kw)
+                   max_num_batched_tokens=settings.batched_tokens(int(max_model_len or 0)),
+                   enforce_eager=settings.enforce_eager, enable_prefix_caching=False, seed=0, **kw)
     finally:
         torch.set_num_threads = set_num_threads
 
@@ -165,7 +210,12 @@ class VLLMDenoiser:
 class VLLMEngine(RolloutEngine):
     """The rollout engine on vLLM (see the module docstring). ``checkpoint``: start from this
     folder's weights (read by vLLM's loader, published tensor names) instead of streaming the
-    attached model's."""
+    attached model's. At most one runs per process (:func:`live_engines`).
+
+    Sleep mode (``rollout.vllm.sleep``, TRL's ``vllm_enable_sleep_mode``): :meth:`sleep` (called by
+    the trainers when a generation phase ends) frees the engine's weights and activations (vLLM
+    level 2); the next :meth:`generate` wakes it and streams the policy's current weights in, and
+    :meth:`update_weights` while asleep only marks them stale (returns None)."""
 
     backend = "vllm"
 
@@ -174,6 +224,9 @@ class VLLMEngine(RolloutEngine):
         self._dir: str | None = None
         self._checkpoint = checkpoint
         self._tp_group = None
+        self._asleep = False
+        self._stale = False
+        self.max_model_len: int | None = None
         super().__init__(options, model, adapter=adapter)
 
     def attach(self, model: nn.Module, *, adapter=None) -> None:
@@ -181,16 +234,24 @@ class VLLMEngine(RolloutEngine):
         if self.llm is not None:
             self.update_weights()
             return
+        others = [e for e in live_engines() if e is not self]
+        if others:
+            raise RuntimeError("rollout.backend=vllm: another vLLM engine is running in this process; close it "
+                               "first (one engine per process: each takes rollout.vllm.gpu_memory_utilization of "
+                               "the device)")
         hf = _hf_model(self.adapter.model)
         check_model(hf.config)
         settings = self.options.vllm
         dtype = settings.dtype if settings.dtype != "auto" else _dtype_name(next(hf.parameters()).dtype)
+        self.max_model_len = settings.max_model_len or model_positions(hf.config)
         if self._checkpoint is not None:
-            self.llm = start_llm(self._checkpoint, settings, dtype=dtype)
+            self.llm = start_llm(self._checkpoint, settings, dtype=dtype, max_model_len=self.max_model_len)
         else:
             self._dir = tempfile.mkdtemp(prefix="dllm-rl-vllm-")
             hf.config.save_pretrained(self._dir)
-            self.llm = start_llm(self._dir, settings, dtype=dtype, load_format="dummy")
+            self.llm = start_llm(self._dir, settings, dtype=dtype, load_format="dummy",
+                                 max_model_len=self.max_model_len)
+        _LIVE.add(self)
         self._tp_group = tensor_parallel_group()
         if self._checkpoint is None:
             self.update_weights()
@@ -206,6 +267,12 @@ class VLLMEngine(RolloutEngine):
         check_args(ids, mask, steps=options.steps, gen_length=options.gen_length, block_length=options.block_length,
                    temperature=options.temperature, cfg_scale=0.0, remasking=options.remasking,
                    threshold=options.threshold, early_commit=options.early_commit, kv_cache=None)
+        if self.max_model_len and ids.shape[1] + options.gen_length > self.max_model_len:
+            longest = int((mask.sum(1) if mask is not None else torch.full((1,), ids.shape[1])).max())
+            if longest + options.gen_length > self.max_model_len:
+                raise ValueError(f"rollout.vllm.max_model_len={self.max_model_len}: a prompt of {longest} tokens + "
+                                 f"gen_length={options.gen_length} does not fit; raise it (0 = set by the recipe)")
+        self._wake()
         adapter = self.adapter
         eos_id = adapter.eos_token_id
         if options.fill_after_eos and eos_id is None:
@@ -225,22 +292,53 @@ class VLLMEngine(RolloutEngine):
         out.extras["backend"] = "vllm"
         return out if local is None else take_rows(out, *local)
 
-    def update_weights(self) -> float:
-        """Stream the attached model's weights into vLLM, one tensor at a time; seconds taken."""
+    def update_weights(self) -> float | None:
+        """Stream the attached model's weights into vLLM, one tensor at a time; seconds taken (None
+        while asleep: the weights are streamed when the engine wakes)."""
         self._check_attached()
+        if self._asleep:
+            self._stale = True
+            return None
+        return self._load_weights()
+
+    def _load_weights(self) -> float:
         t0 = time.perf_counter()
         with torch.no_grad():  # vLLM's in-place reload (it re-applies its post-load weight processing)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": hf_weights(self.adapter.model)})
+        self._stale = False
         return time.perf_counter() - t0
 
+    def sleep(self) -> None:
+        """Free the engine's device memory until the next generation (``rollout.vllm.sleep``; vLLM
+        level 2: weights and activations discarded, as TRL's colocate mode does)."""
+        if self.llm is None or self._asleep or not self.options.vllm.sleep:
+            return
+        self.llm.sleep(level=2)
+        self._asleep = self._stale = True
+
+    def _wake(self) -> None:
+        if not self._asleep:
+            return
+        self.llm.wake_up()
+        self._asleep = False
+        if self._stale:
+            self._load_weights()
+
     def close(self) -> None:
-        """Shut vLLM's engine down and release its process groups (not the caller's)."""
+        """Shut vLLM's engine down, release its process groups (not the caller's) and its memory."""
         if self.llm is not None:
             _shutdown(self.llm)
             self.llm = None
+            _LIVE.discard(self)
+            import gc
+
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+        super().close()
 
 
 def _shutdown(llm) -> None:
