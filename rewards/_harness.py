@@ -255,31 +255,35 @@ class _Dec:
         t = type(v)
         if t is str or t is int or t is float or t is bool or v is None:
             return v
-        if t is not list or len(v) != 1 or type(v[0]) is not int:
+        if t is not list:
             raise ProtocolError("malformed value")
-        i = v[0]
-        if 0 <= i < self.k:
-            return self.base[i]
-        j = i - self.k
-        if not 0 <= j < len(self.nodes):
-            raise ProtocolError("unknown node")
+        j = self._node(v)
+        if j < 0:
+            return self.base[-j - 1]
         if self.state[j] != 2:
             self._build(j)
         return self.objs[j]
+
+    def _node(self, v: list) -> int:
+        """Index of the node a reference ``[i]`` names; a base object ``k`` comes back as ``-k - 1``."""
+        if len(v) != 1 or type(v[0]) is not int:
+            raise ProtocolError("malformed value")
+        i = v[0]
+        if 0 <= i < self.k:
+            return -i - 1
+        j = i - self.k
+        if not 0 <= j < len(self.nodes):
+            raise ProtocolError("unknown node")
+        return j
 
     def _ref(self, v):
         """A child during building: done, or a shell of a mutable node (a cycle)."""
         t = type(v)
         if t is not list:
             return self.value(v)
-        if len(v) != 1 or type(v[0]) is not int:
-            raise ProtocolError("malformed value")
-        i = v[0]
-        if 0 <= i < self.k:
-            return self.base[i]
-        j = i - self.k
-        if not 0 <= j < len(self.nodes):
-            raise ProtocolError("unknown node")
+        j = self._node(v)
+        if j < 0:
+            return self.base[-j - 1]
         if self.state[j] == 2 or (self.state[j] == 1 and self.objs[j] is not None):
             return self.objs[j]
         raise _Pending
