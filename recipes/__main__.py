@@ -21,12 +21,27 @@ import sys
 USAGE = __doc__
 
 
+def registries() -> dict[str, list[str]]:
+    """What the RL stage can be built from, read from the registries (the only lists)."""
+    from rl.advantages import ADVANTAGES, SCALE_REWARDS
+    from rl.aggregation import LOSS_TYPES
+    from rl.estimators import ESTIMATORS
+    from rl.objectives import OBJECTIVES
+    from rewards.registry import registered_rewards
+
+    return {"objective": OBJECTIVES.names(), "estimator": ESTIMATORS.names(), "advantage": ADVANTAGES.names(),
+            "scale_rewards": list(SCALE_REWARDS), "loss_type": LOSS_TYPES.names(), "rewards": registered_rewards()}
+
+
 def _help() -> str:
     from recipes.config import GROUPS, group_options
 
     lines = [USAGE.strip(), "", "Config groups (pick with group=option):"]
     for g in GROUPS:
         lines.append(f"  {g:<12} {', '.join(group_options(g))}")
+    lines.append("\nRegistered (rl.<key>=name; options in rl.<key>_options where there are any):")
+    for key, names in registries().items():
+        lines.append(f"  {key:<14} {', '.join(names)}")
     lines.append("\nTop-level keys: run_dir, seed, resume, device, logger.wandb.mode, sft.*, rl.*, "
                  "task.*, sft_task.*, model.*, rollout.*, recipe.*, eval.*, plan.* (see --cfg)")
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def to_run_config(cfg: DictConfig) -> RunConfig:
 # Free-form dict fields: their entries may be set without Hydra's "+" (model.tiny.hidden_size=64).
 OPEN_DICTS = ("model.tiny", "task.columns", "task.rewards", "sft_task.columns", "sft_task.rewards", "eval.modes",
               "sft.estimator_options",
-              "rl.estimator_options", "rl.rewards")
+              "rl.estimator_options", "rl.objective_options", "rl.rewards")
 
 
 def _open_dict_overrides(overrides: list[str]) -> tuple[list[str], dict]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 LR_SCHEDULERS = ("constant", "cosine", "linear")  # after the warmup (rl.engine.lr_lambda)
@@ -66,11 +67,17 @@ def check_estimator(name: str, estimator: str, options: dict, **extra) -> None:
     """A registered estimator (rl.estimators.ESTIMATORS) that accepts ``options``."""
     from rl.estimators import ESTIMATORS, get_estimator
 
-    check_choice(f"{name}estimator", estimator, sorted(ESTIMATORS))
+    check_registered(f"{name}estimator", estimator, ESTIMATORS)
     try:
         get_estimator(estimator, **{**dict(options), **extra})
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{name}estimator_options={dict(options)}: {e}") from None
+
+
+def check_registered(name: str, value, registry) -> None:
+    """``value`` is registered in ``registry`` (rl.registry.Registry); else one line with "did you mean"."""
+    if value not in registry:
+        raise ConfigError(f"{name}={value!r}: {registry.unknown(value)}")
 
 
 def deepspeed_names() -> list[str]:
@@ -297,7 +304,7 @@ class _GroupRLConfig(TrainerConfig):
     num_generations: int = 6  # G completions per prompt
     num_iterations: int = 1  # mu updates per batch against the rollout policy
     epsilon: float = 0.2  # clip range of the ratio
-    scale_rewards: bool = False  # divide advantages by the group std
+    scale_rewards: Any = "none"  # TRL's: "group" | "batch" | "none" (true = "group", false = "none")
     rewards: dict = field(default_factory=lambda: {"gsm8k": 1.0})  # reward name -> weight
     reward_weights: list[float] | None = None  # TRL: weights of the trainer's reward_funcs (default 1 each)
     reward_timeout_s: float = 10.0
@@ -315,7 +322,13 @@ class _GroupRLConfig(TrainerConfig):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations}: must be >= 2 (group-relative advantages)")
         check_range("num_iterations", self.num_iterations, low=1)
-        check_range("epsilon", self.epsilon, low=0, high=1, low_open=True, high_open=True)
+        check_range("epsilon", self.epsilon, low=0, high=1, high_open=True)  # 0: ESPO's countdown recipe
+        from rl.advantages import scale_rewards_mode
+
+        try:
+            self.scale_rewards = scale_rewards_mode(self.scale_rewards)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         check_rewards("rewards", self.rewards)
         for w in self.reward_weights or ():
             check_range("reward_weights[]", w)
@@ -333,15 +346,53 @@ class DiffuGRPOConfig(_GroupRLConfig):
     num_generations: int = 6
     num_iterations: int = 12  # mu gradient steps per batch, each with its own mask
     epsilon: float = 0.5
+    epsilon_high: float | None = None  # upper clip range (DAPO's clip-higher; TRL's); None = epsilon
     beta: float = 0.04  # KL coefficient (k3 estimator); 0 = no reference model at all
-    estimator: str = "mean_field"
-    estimator_options: dict = field(default_factory=lambda: {"p_mask_prompt": 0.15})
+    objective: str = "diffu_grpo"  # a registered policy objective (rl.objectives.OBJECTIVES)
+    objective_options: dict = field(default_factory=dict)  # its authors' options, e.g. spg: {logp_estimation: mix}
+    advantage: str | None = None  # advantage estimator (rl.advantages.ADVANTAGES); None = the objective's (group)
+    loss_type: str | None = None  # aggregation (rl.aggregation.LOSS_TYPES, TRL's names); None = the objective's
+    estimator: str | None = None  # likelihood estimator; None = the objective's (diffu_grpo: mean_field)
+    estimator_options: dict = field(default_factory=dict)  # over the objective's own when it picks the estimator
     sample_table_every: int = 10
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("beta", self.beta, low=0)
+        if self.epsilon_high is not None:
+            check_range("epsilon_high", self.epsilon_high, low=0, low_open=True)
+        from rl.advantages import ADVANTAGES
+        from rl.aggregation import LOSS_TYPES
+        from rl.estimators import ESTIMATORS
+        from rl.objectives import OBJECTIVES, get_objective
+
+        check_registered("objective", self.objective, OBJECTIVES)
+        try:
+            objective = get_objective(self.objective, **dict(self.objective_options))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"objective_options={dict(self.objective_options)}: {e}") from None
+        if self.estimator is None:  # the objective's estimator, its options updated by the config's
+            self.estimator = objective.estimator
+            self.estimator_options = {**objective.estimator_options, **dict(self.estimator_options)}
+        from dataclasses import fields as dc_fields
+
+        if (self.estimator in ESTIMATORS and "block_length" not in self.estimator_options
+                and "block_length" in {f.name for f in dc_fields(ESTIMATORS[self.estimator])}):
+            # block-wise masks (SPG) follow the rollouts' semi-AR blocks unless set
+            self.estimator_options = {**self.estimator_options, "block_length": self.rollout.block_length}
         check_estimator("", self.estimator, self.estimator_options)
+        if objective.estimators is not None and self.estimator not in objective.estimators:
+            raise ConfigError(f"estimator={self.estimator!r}: objective {self.objective!r} takes "
+                              f"{' or '.join(objective.estimators)}")
+        if self.beta > 0 and not objective.supports_kl:
+            raise ConfigError(f"beta={self.beta}: objective {self.objective!r} has no KL term (its authors' loss has "
+                              "none); set beta=0")
+        if self.advantage is None:
+            self.advantage = objective.advantage
+        check_registered("advantage", self.advantage, ADVANTAGES)
+        if self.loss_type is None:
+            self.loss_type = objective.default_loss_type(ESTIMATORS[self.estimator].level)
+        check_registered("loss_type", self.loss_type, LOSS_TYPES)
 
 
 @dataclass

@@ -39,8 +39,11 @@ from typing import ClassVar
 import torch
 
 from rl.logprobs import DEFAULT_CHUNK_SIZE, token_logprobs
-from rollout.adapter import PolicyAdapter, unwrap_model
 from rl.masking import apply_mask, bernoulli_mask, exact_count_mask, sample_t, uniform
+from rl.registry import Registry
+from rollout.adapter import PolicyAdapter, unwrap_model
+
+ESTIMATORS = Registry("estimator")
 
 # Bound on |log pi - log pi_old| (and |log ref - log pi|) before any exp() of it. Sequence-level
 # estimates (mc_elbo, mc_elbo_ll, coupled) sum a whole completion's token log-probs with weights
@@ -109,12 +112,19 @@ class Estimator:
 
     ``n_samples``: independent draws (passes, or pairs for "coupled"); ``max_batch``: most
     sequences per forward (None: all ``K * B`` in one forward); ``chunk_size``: positions per
-    float32 log-softmax chunk."""
+    float32 log-softmax chunk.
+
+    Class attributes: ``level`` is ``"token"`` when the per-token terms are themselves meaningful
+    log-probabilities (a token-level ratio may be taken on them: mean-field, trajectory
+    likelihoods) and ``"sequence"`` when only their sum is (ELBO estimates); ``needs_trace``: the
+    draw reads the rollout's unmasking trace (``trace=`` the ``[B, L]`` unmask steps)."""
 
     n_samples: int = 1
     max_batch: int | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     name: ClassVar[str] = ""
+    level: ClassVar[str] = "sequence"
+    needs_trace: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         if self.n_samples < 1:
@@ -123,7 +133,10 @@ class Estimator:
             raise ValueError(f"{self.name}: max_batch must be >= 1 or None, got {self.max_batch}")
 
     def draw(self, attention_mask: torch.Tensor | None, completion_mask: torch.Tensor, prompt_len: int,
-             generator: torch.Generator | None) -> MaskSample:
+             generator: torch.Generator | None, *, trace: torch.Tensor | None = None,
+             num_steps: int | None = None) -> MaskSample:
+        """The masks of ``K`` passes. ``trace`` / ``num_steps``: the rollout's ``unmask_step [B, L]`` and
+        step count, passed to (and only to) estimators with ``needs_trace``."""
         raise NotImplementedError
 
     def score(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompt_len: int,
@@ -178,6 +191,7 @@ class Estimator:
         return self.combine(sample, self.score(model, input_ids, attention_mask, prompt_len, sample, mask_id))
 
 
+@ESTIMATORS.register
 @dataclass
 class MeanField(Estimator):
     """d1's one-step mean-field estimate (Zhao et al. 2025, diffu-GRPO):
@@ -191,13 +205,14 @@ class MeanField(Estimator):
 
     p_mask_prompt: float = 0.15
     name: ClassVar[str] = "mean_field"
+    level: ClassVar[str] = "token"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0.0 <= self.p_mask_prompt <= 1.0:
             raise ValueError(f"mean_field: p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
 
-    def draw(self, attention_mask, completion_mask, prompt_len, generator) -> MaskSample:
+    def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         k = self.n_samples
         prompt_masked = bernoulli_mask(prompt.expand(k, *prompt.shape), self.p_mask_prompt, generator)
@@ -206,6 +221,7 @@ class MeanField(Estimator):
         return MaskSample(_full_width(prompt_masked, completion_masked), weights)
 
 
+@ESTIMATORS.register
 @dataclass
 class MCElbo(Estimator):
     """Monte-Carlo ELBO with the 1/t weight (LLaDA, Nie et al. 2025, Eq. 3-4; MDLM/RADD):
@@ -219,7 +235,7 @@ class MCElbo(Estimator):
     eps: float = 1e-3
     name: ClassVar[str] = "mc_elbo"
 
-    def draw(self, attention_mask, completion_mask, prompt_len, generator) -> MaskSample:
+    def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         k, (b, l) = self.n_samples, valid.shape
         t = sample_t((k, b, 1), generator, valid.device, low=self.eps)
@@ -228,6 +244,7 @@ class MCElbo(Estimator):
         return MaskSample(_full_width(no_prompt, masked), masked.float() / t)
 
 
+@ESTIMATORS.register
 @dataclass
 class MCElboLL(Estimator):
     """Monte-Carlo ELBO in the L/l form (LLaDA, Nie et al. 2025, Eq. 6; lower variance):
@@ -240,7 +257,7 @@ class MCElboLL(Estimator):
 
     name: ClassVar[str] = "mc_elbo_ll"
 
-    def draw(self, attention_mask, completion_mask, prompt_len, generator) -> MaskSample:
+    def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         k, (b, l) = self.n_samples, valid.shape
         n_valid = valid.sum(-1).expand(k, b)  # L_i
@@ -251,6 +268,7 @@ class MCElboLL(Estimator):
         return MaskSample(_full_width(no_prompt, masked), weights)
 
 
+@ESTIMATORS.register
 @dataclass
 class Coupled(Estimator):
     """Coupled complementary masks (DiffuCoder, Gong et al. 2025, coupled-GRPO): each draw is
@@ -274,7 +292,7 @@ class Coupled(Estimator):
         if not 0.0 < self.t_min < 0.5:
             raise ValueError(f"coupled: t_min must be in (0, 0.5), got {self.t_min}")
 
-    def draw(self, attention_mask, completion_mask, prompt_len, generator) -> MaskSample:
+    def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         n, (b, l) = self.n_samples, valid.shape
         t = sample_t((n, b, 1), generator, valid.device, low=self.t_min, high=1.0 - self.t_min)
@@ -286,15 +304,10 @@ class Coupled(Estimator):
         return MaskSample(_full_width(no_prompt, masked), weights)
 
 
-ESTIMATORS: dict[str, type[Estimator]] = {cls.name: cls for cls in (MeanField, MCElbo, MCElboLL, Coupled)}
-
-
 def get_estimator(name: str, **options) -> Estimator:
     """Build the estimator registered as ``name`` with its ``options`` (e.g. ``n_samples``,
     ``max_batch``, ``p_mask_prompt``, ``eps``, ``t_min``)."""
-    if name not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {name!r}; choose one of {sorted(ESTIMATORS)}")
-    cls = ESTIMATORS[name]
+    cls = ESTIMATORS.lookup(name)
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(options) - known)
     if unknown:
@@ -316,3 +329,8 @@ def estimate_pair(estimator: Estimator, policy, reference, input_ids: torch.Tens
         ref = estimator.estimate(reference, input_ids, attention_mask, prompt_len, completion_mask, mask_id,
                                  sample=sample)
     return pi, ref
+
+
+# Estimators that belong to one objective (SPG's block masks, trajectory likelihoods) live next to
+# it and register here when the objectives package is imported.
+import rl.objectives  # noqa: E402,F401

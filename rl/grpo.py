@@ -1,21 +1,24 @@
-"""diffu-GRPO (d1: Zhao et al. 2025, "d1: Scaling Reasoning in Diffusion LLMs via RL", Sec. 3.2).
+"""The online RL trainer of diffu-GRPO and every registered objective (d1: Zhao et al. 2025,
+"d1: Scaling Reasoning in Diffusion LLMs via RL", Sec. 3.2).
 
 Per batch of prompts: G completions each from the rollout engine, rewards from the reward layer,
-group-relative advantages, then mu gradient steps on the clipped surrogate, each with its own
-mask from a dedicated generator. Log-probabilities come from a named estimator (default: d1's
-one-step mean-field estimate with random prompt masking).
+advantages from a registered advantage estimator (rl/advantages.py), then mu gradient steps on
+the registered objective (``rl.objective``, rl/objectives/; default d1's clipped surrogate),
+each with its own mask from a dedicated generator. Likelihood terms come from a named estimator
+(the objective's by default; diffu-GRPO: d1's one-step mean-field estimate with random prompt
+masking); the per-element losses are aggregated by a registered ``loss_type`` (rl/aggregation.py).
 
 Rewards are called as TRL's GRPOTrainer calls them (keywords: prompts, completions,
 completion_ids, the dataset's columns, trainer_state); pass ``reward_funcs`` (callables or
 registered names) with ``config.reward_weights`` as in TRL, or name them in ``config.rewards``.
 
-Loss normalisation (d1 Eq. 3's 1/|o_i| token mean): token-level terms are summed over every
-valid completion token of the step's whole batch, all ranks together, and divided by that batch's
-token count (sequence-level: the mean over its sequences), so the loss and its gradient depend
-neither on ``micro_batch_size`` nor on how the batch is split over ranks. d1 (TRL 0.16's
-GRPOTrainer) divides per micro-batch instead: with its 12 completions per step in micro-batches
-of 6, each half is normalised by its own token count, which weighs the tokens of the shorter half
-more. The two agree when micro-batch = local batch.
+Loss normalisation (d1 Eq. 3's 1/|o_i| token mean; ``loss_type=dapo``, diffu-GRPO's default):
+token-level terms are summed over every valid completion token of the step's whole batch, all
+ranks together, and divided by that batch's token count (sequence-level estimators: the mean over
+sequences, ``grpo``), so the loss and its gradient depend neither on ``micro_batch_size`` nor on
+how the batch is split over ranks. d1 (TRL 0.16's GRPOTrainer) divides per micro-batch instead:
+with its 12 completions per step in micro-batches of 6, each half is normalised by its own token
+count (``loss_type=bnpo`` reproduces it). The two agree when micro-batch = local batch.
 """
 
 from __future__ import annotations
@@ -26,41 +29,13 @@ import torch
 
 from rewards import compose, compose_funcs, reward_inputs
 from rl import distributed as D
+from rl.advantages import ADVANTAGES, group_advantages  # noqa: F401  (group_advantages: re-exported)
+from rl.aggregation import LOSS_TYPES, BatchCounts, per_token
 from rl.config import DiffuGRPOConfig
 from rl.data import check_columns, encode_prompt, left_pad, prompt_text
-from rl.estimators import MaskSample, clamp_log_ratio, get_estimator
+from rl.estimators import MaskSample, get_estimator
+from rl.objectives import PolicyLossInputs, clipped_surrogate, get_objective, k3_kl  # noqa: F401  (re-exported)
 from rl.trainer import Trainer
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """A_i = r_i - mean_group(r) (d1 Eq. 2; divided by the group std when ``scale``).
-
-    Returns ``(advantages [N], group_std [N // G])``."""
-    grouped = rewards.view(-1, group_size)
-    std = grouped.std(dim=1, unbiased=False)
-    adv = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        adv = adv / (std.unsqueeze(1) + 1e-4)
-    return adv.reshape(-1), std
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimator of KL(pi || ref): exp(ref - logp) - (ref - logp) - 1 >= 0
-    (d1 Eq. 3's KL term), with ref - logp clamped in log space (rl.estimators.MAX_LOG_RATIO)."""
-    d = clamp_log_ratio(ref_logp - logp)
-    # expm1 keeps the small-|d| terms accurate; rounding can still leave -1 ulp where k3 is ~0
-    return (torch.expm1(d) - d).clamp(min=0)
-
-
-def clipped_surrogate(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO/GRPO clipped objective per element (d1 Eq. 3): -min(rho A, clip(rho, 1-eps, 1+eps) A),
-    rho = exp(logp - old_logp) with the log-ratio clamped to +-MAX_LOG_RATIO (rl.estimators).
-
-    Returns ``(loss, clipped)``: ``clipped`` marks where the clipped branch is the active one."""
-    ratio = torch.exp(clamp_log_ratio(logp - old_logp))
-    unclipped = ratio * adv
-    clipped_obj = torch.clamp(ratio, 1 - eps, 1 + eps) * adv
-    return -torch.minimum(unclipped, clipped_obj), (clipped_obj < unclipped)
 
 
 class DiffuGRPOTrainer(Trainer):
@@ -86,8 +61,10 @@ class DiffuGRPOTrainer(Trainer):
         if reward_funcs is not None:
             reward_fn = compose_funcs(reward_funcs, config.reward_weights, timeout_s=config.reward_timeout_s)
         self.reward_fn = reward_fn or compose(dict(config.rewards), timeout_s=config.reward_timeout_s)
+        self.objective = get_objective(config.objective, **dict(config.objective_options))
         self.estimator = get_estimator(config.estimator, **dict(config.estimator_options))
-        self.token_level = config.estimator == "mean_field"
+        self.advantage_fn = ADVANTAGES.lookup(config.advantage)
+        self.aggregate = LOSS_TYPES.lookup(config.loss_type)
         self.mask_id = policy.mask_token_id
         self.eos_id = policy.eos_token_id
 
@@ -125,12 +102,13 @@ class DiffuGRPOTrainer(Trainer):
         return self.reward_fn(**reward_inputs([r for r in rows for _ in range(g)], completions, completion_ids),
                               trainer_state=state)
 
-    def logps(self, model, input_ids, attention_mask, prompt_len, sample, rows: slice) -> torch.Tensor:
-        """Token-level ``[n, L]`` (mean-field) or sequence-level ``[n]`` log-prob estimates."""
+    def logps(self, model, input_ids, attention_mask, prompt_len, sample, rows: slice, completion_mask,
+              extra: dict) -> torch.Tensor:
+        """The objective's likelihood terms of ``rows``: ``[n, L]`` (token level) or ``[n]``."""
         sub = MaskSample(sample.masked[:, rows], sample.weights[:, rows])
         per_pass = self.estimator.score(model, input_ids[rows], attention_mask[rows], prompt_len, sub, self.mask_id)
-        out = self.estimator.combine(sub, per_pass)
-        return out.per_token if self.token_level else out.seq
+        return self.objective.terms(self.estimator, sub, per_pass, completion_mask[rows],
+                                    {k: v[rows] for k, v in extra.items()})
 
     # ---- one training step -----------------------------------------------------------------------
     def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
@@ -143,8 +121,8 @@ class DiffuGRPOTrainer(Trainer):
         rew = self.score(rows, completions, ids)
         t2 = time.perf_counter()
         rewards = torch.tensor(rew.total, dtype=torch.float32, device=self.device)
-        adv, group_std = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
-        metrics = self.policy_update(ro, adv)
+        adv, group_std = self.advantage_fn(rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards)
+        metrics = self.policy_update(ro, adv, rewards)
         metrics.update({
             "reward": rewards.mean(),
             "reward_std": group_std.mean(),
@@ -164,56 +142,64 @@ class DiffuGRPOTrainer(Trainer):
                                      completions[:8], rew.total[:8])
         return metrics
 
-    def policy_update(self, ro, adv: torch.Tensor) -> dict[str, float | torch.Tensor]:
-        """mu gradient steps on the clipped surrogate + beta * KL (d1 Eq. 3), one mask each."""
-        cfg = self.config
+    def policy_update(self, ro, adv: torch.Tensor,
+                      rewards: torch.Tensor | None = None) -> dict[str, float | torch.Tensor]:
+        """mu gradient steps on the objective (d1 Eq. 3 for diffu-GRPO), one mask draw each."""
+        cfg, obj = self.config, self.objective
         input_ids, attention_mask = ro.sequences, ro.attention_mask
         prompt_len = ro.prompt_ids.shape[1]
         cmask = ro.completion_mask.float()
         n = input_ids.shape[0]
         chunks = self.micro_batches(n)
+        extra = obj.prepare(adv, adv if rewards is None else rewards, cfg.num_generations)
+        trace = {"trace": ro.unmask_step, "num_steps": ro.num_steps} if self.estimator.needs_trace else {}
         # mu distinct masks per batch, all from the dedicated generator (never reseeded)
-        samples = [self.estimator.draw(attention_mask, ro.completion_mask, prompt_len, self.generators["mask"])
+        samples = [self.estimator.draw(attention_mask, ro.completion_mask, prompt_len, self.generators["mask"], **trace)
                    for _ in range(cfg.num_iterations)]
 
-        def logps_all(model, sample):
-            return torch.cat([self.logps(model, input_ids, attention_mask, prompt_len, sample, sl) for sl in chunks])
+        def terms_all(model, sample):
+            return torch.cat([self.logps(model, input_ids, attention_mask, prompt_len, sample, sl, ro.completion_mask,
+                                         extra) for sl in chunks])
 
-        # Old-policy log-probs for iterations 1..mu-1 and reference log-probs for every mask,
-        # computed once before any update (iteration 0 reuses its own forward, detached).
+        # Old-policy terms for iterations 1..mu-1 (ratio objectives) and reference terms for every
+        # mask, computed once before any update (iteration 0 reuses its own forward, detached).
         with torch.no_grad():
-            old = [None] + [logps_all(self.model, s) for s in samples[1:]]
+            old = [None] * len(samples)
+            if obj.uses_old:
+                old = [None] + [terms_all(self.model, s) for s in samples[1:]]
             ref = None
             if cfg.beta > 0:
                 with self.reference() as ref_model:
-                    ref = [logps_all(ref_model, s) for s in samples]
+                    ref = [terms_all(ref_model, s) for s in samples]
 
         # Normalisers over the *global* batch: DeepSpeed averages gradients over ranks, so each rank
         # divides its sums by (all ranks' count / world size); with one process these are the local
         # counts. Two ranks x b rows then give the loss and gradients of one process with 2b rows
         # even when the ranks' completions have different lengths (tests/test_rank_equivalence.py).
         local = torch.stack([cmask.sum(), torch.full((), float(n), device=cmask.device)])
-        counts = D.all_reduce_sum(local)  # [tokens, rows] over all ranks (float64, CPU: one sync per step)
+        totals = D.all_reduce_sum(local)  # [tokens, rows] over all ranks (float64, CPU: one sync per step)
         world = D.get_world_size()
-        n_tokens = max(float(counts[0]), 1.0) / world
-        n_rows = float(counts[1]) / world
+        counts = BatchCounts(tokens=float(totals[0]) / world, rows=float(totals[1]) / world,
+                             max_len=cmask.shape[1], num_micro=len(chunks))
         sums = torch.zeros(3, device=self.device)  # loss, kl, clipped fraction
         grad_norms = []
         for k, sample in enumerate(samples):
             for sl in chunks:
-                logp = self.logps(self.model, input_ids, attention_mask, prompt_len, sample, sl)
-                old_k = logp.detach() if k == 0 else old[k][sl]
-                a = adv[sl].unsqueeze(1) if self.token_level else adv[sl]
-                per_el, clipped = clipped_surrogate(logp, old_k, a, cfg.epsilon)
-                kl = k3_kl(logp, ref[k][sl]) if ref is not None else torch.zeros_like(per_el)
-                per_el = per_el + cfg.beta * kl
-                if self.token_level:  # token-mean over completion_mask, over the whole local batch
-                    w = cmask[sl] / n_tokens
-                else:  # sequence-level ratio on the ELBO estimate, mean over sequences
-                    w = torch.full_like(per_el, 1.0 / n_rows)
-                loss = (per_el * w).sum()
+                logp = self.logps(self.model, input_ids, attention_mask, prompt_len, sample, sl, ro.completion_mask,
+                                  extra)
+                out = obj.loss(PolicyLossInputs(
+                    logp=logp, old_logp=logp.detach() if old[k] is None else old[k][sl],
+                    ref_logp=None if ref is None else ref[k][sl], advantages=adv[sl], mask=cmask[sl],
+                    epsilon=cfg.epsilon, epsilon_high=cfg.epsilon_high, beta=cfg.beta,
+                    rows={key: v[sl] for key, v in extra.items()},
+                    sample=MaskSample(sample.masked[:, sl], sample.weights[:, sl])))
+                w = self.aggregate(cmask[sl], counts)
+                loss = (per_token(out.loss, w) * w).sum()
                 self.backward_and_step(loss * len(chunks))  # DeepSpeed divides by grad_accum
-                sums += torch.stack([loss.detach(), (kl.detach() * w).sum(), (clipped.float() * w).sum()])
+                kl = torch.zeros((), device=self.device) if out.kl is None else (per_token(out.kl, w) * w).sum()
+                clip = (torch.zeros((), device=self.device) if out.clipped is None
+                        else (per_token(out.clipped.float(), w) * w).sum())
+                sums += torch.stack([loss.detach(), kl.detach(), clip.detach()])
             grad_norms.append(self.grad_norm())
         sums /= cfg.num_iterations
         return {"loss": sums[0], "kl": sums[1], "clip_ratio/region_mean": sums[2],

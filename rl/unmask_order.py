@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from rl.config import RolloutOptions, UnmaskOrderConfig  # noqa: F401  (re-exported)
-from rl.grpo import clipped_surrogate, group_advantages, k3_kl
+from rl.advantages import group_advantages
+from rl.objectives import clipped_surrogate, k3_kl
 from rl.plackett_luce import plackett_luce_logprob, sample_plackett_luce
 from rl.trainer import Trainer
 
@@ -450,7 +451,7 @@ class UnmaskOrderTrainer(Trainer):
         rew = self.score(rows, ro.decode(self.tokenizer))
         t2 = time.perf_counter()
         rewards = torch.tensor(rew.total, dtype=torch.float32, device=self.device)
-        adv, group_std = group_advantages(rewards, cfg.num_generations, scale=cfg.scale_rewards)
+        adv, group_std = group_advantages(rewards, cfg.num_generations, scale_rewards=cfg.scale_rewards)
         states = trajectory_states(ro.unmask_step, hook.rank_in_step, steps=ro_cfg.steps,
                                    block_length=ro_cfg.block_length)
         if not cfg.train_dllm:  # forced steps carry no term at all: drop them

@@ -283,7 +283,12 @@ def test_mean_field_per_token_logps_equal_direct_computation(tiny_model):
     assert tiny_model.get_input_embeddings().weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+# estimators drawn from masks alone (the trajectory ones read a rollout's trace and are deterministic
+# given it: tests/test_objective_trajectory.py covers them)
+MASK_ESTIMATORS = sorted(n for n, cls in ESTIMATORS.items() if not cls.needs_trace)
+
+
+@pytest.mark.parametrize("name", MASK_ESTIMATORS)
 def test_batched_passes_equal_chunked_forwards(tiny_model, name):
     """K passes concatenated along the batch in one forward == max_batch-row forwards."""
     ids, attn, completion_mask = _padded_prompts(b=3, p=10, l=6)
@@ -298,7 +303,7 @@ def test_batched_passes_equal_chunked_forwards(tiny_model, name):
 
 # ---------------------------------------------------------------- generators and registry
 
-@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+@pytest.mark.parametrize("name", MASK_ESTIMATORS)
 def test_successive_draws_are_distinct_and_reproducible(name):
     """d1's bug: 12 iterations gave 6 distinct masks. Here mu = 12 draws from one generator are
     all different, the same seed replays them, and the global RNG is untouched."""
@@ -318,7 +323,7 @@ def test_successive_draws_are_distinct_and_reproducible(name):
 
 
 def test_registry_and_errors():
-    assert set(ESTIMATORS) == {"mean_field", "mc_elbo", "mc_elbo_ll", "coupled"}
+    assert {"mean_field", "mc_elbo", "mc_elbo_ll", "coupled"} <= set(ESTIMATORS)  # + the objectives' own
     assert get_estimator("mc_elbo", n_samples=4, eps=0.01).n_samples == 4
     with pytest.raises(ValueError, match="unknown estimator 'elbo'"):
         get_estimator("elbo")

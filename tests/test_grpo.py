@@ -5,16 +5,16 @@ import json
 import pytest
 import torch
 
-from rl.grpo import clipped_surrogate, group_advantages, k3_kl
+from rl.grpo import clipped_surrogate, group_advantages, k3_kl  # the trainer module re-exports them
 
 
 def test_group_advantages_center_each_group():
     r = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.5, 0.5])
     adv, std = group_advantages(r, 4)
     assert torch.allclose(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
-    assert torch.allclose(std, torch.tensor([0.5, 0.0]))
-    scaled, _ = group_advantages(r, 4, scale=True)
-    assert torch.allclose(scaled[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]), atol=1e-3)
+    assert torch.allclose(std, torch.tensor([(1 / 3) ** 0.5, 0.0]))  # unbiased, as TRL and d1
+    scaled, _ = group_advantages(r, 4, scale_rewards="group")
+    assert torch.allclose(scaled[:4], torch.tensor([1.0, -1.0, -1.0, 1.0]) * 0.5 / (1 / 3) ** 0.5, atol=1e-3)
     assert torch.equal(scaled[4:], torch.zeros(4))  # zero-std groups stay 0, no NaN
 
 

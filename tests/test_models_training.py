@@ -45,6 +45,7 @@ def check_case(run_dir: Path, family: str, recipe: str, variant: str, source: Pa
         assert results and all(0 <= r["accuracy"] <= 1 and r["num_examples"] == 4 for r in results)
         return
     stage = "sft" if recipe == "sft" else "rl"
+    recipe = recipe.partition(".")[0]  # grpo.<objective>: the grpo recipe
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0 <= summary[stage]["eval/accuracy"] <= 1 and summary[stage]["train"]
     final = run_dir / stage / "final"

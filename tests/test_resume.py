@@ -1,5 +1,5 @@
 """A diffu-GRPO run killed with SIGKILL and resumed logs the same per-step metrics as an
-uninterrupted run (real subprocesses, real kill)."""
+uninterrupted run (real subprocesses, real kill); also with SPG's objective and random block masks."""
 
 import json
 import os
@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 8
@@ -33,11 +35,13 @@ def _metrics(run_dir):
     return out
 
 
-def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
+@pytest.mark.parametrize("objective", ["diffu_grpo", "spg"])
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, objective):
     full, killed = tmp_path / "full", tmp_path / "killed"
-    subprocess.run(_cmd(full), cwd=ROOT, env=_env(), check=True, timeout=600)
+    extra = ["--objective", objective]
+    subprocess.run(_cmd(full, *extra), cwd=ROOT, env=_env(), check=True, timeout=600)
 
-    proc = subprocess.Popen(_cmd(killed), cwd=ROOT, env=_env())
+    proc = subprocess.Popen(_cmd(killed, *extra), cwd=ROOT, env=_env())
     metrics_file = killed / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -54,7 +58,7 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     resumed_from = latest_step(killed)
     assert resumed_from is not None and 2 <= resumed_from < STEPS  # a real resume, not a restart
 
-    subprocess.run(_cmd(killed, "--resume"), cwd=ROOT, env=_env(), check=True, timeout=600)
+    subprocess.run(_cmd(killed, "--resume", *extra), cwd=ROOT, env=_env(), check=True, timeout=600)
     a, b = _metrics(full), _metrics(killed)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in a:

@@ -25,9 +25,20 @@ def digit_share(prompts, completions, **columns) -> list[float]:
     return [sum(ch.isdigit() for ch in c) / max(len(c), 1) for c in completions]
 
 
+def objective_recipes() -> list[str]:
+    """``grpo.<objective>`` for every registered objective other than the default diffu_grpo
+    (which the plain ``grpo`` cases run): the trainer with that objective and its own estimator."""
+    from rl.objectives import OBJECTIVES
+
+    return [f"grpo.{name}" for name in OBJECTIVES.names() if name != "diffu_grpo"]
+
+
 def cases(families=("llada", "dream")) -> list[tuple[str, str, str]]:
-    """(family, recipe, variant): eval has no training, so one variant."""
-    return [(f, r, v) for f in families for r in RECIPES for v in (("full",) if r == "eval" else ("full", "lora"))]
+    """(family, recipe, variant): eval has no training, so one variant; each other objective runs
+    full fine-tuning on LLaDA and LoRA on Dream."""
+    out = [(f, r, v) for f in families for r in RECIPES for v in (("full",) if r == "eval" else ("full", "lora"))]
+    pick = {"llada": "full", "dream": "lora"}
+    return out + [(f, r, pick[f]) for r in objective_recipes() for f in families if f in pick]
 
 
 def case_name(family: str, recipe: str, variant: str) -> str:
@@ -36,7 +47,8 @@ def case_name(family: str, recipe: str, variant: str) -> str:
 
 def overrides(family: str, recipe: str, variant: str, folder: str | Path, run_dir: str | Path,
               zero: str = "zero0") -> list[str]:
-    """CLI overrides of one case."""
+    """CLI overrides of one case (``grpo.<objective>``: the grpo recipe with ``rl.objective``)."""
+    recipe, _, objective = recipe.partition(".")
     out = [f"recipe={recipe}", f"model.path={folder}", f"model.name={family}-fixture", f"run_dir={run_dir}",
            "seed=0", "logger.wandb.mode=disabled", "recipe.plot=false", "recipe.eval_batch_size=8", *SMALL_TASK]
     if recipe == "eval":
@@ -50,6 +62,8 @@ def overrides(family: str, recipe: str, variant: str, folder: str | Path, run_di
         out += ["sft.per_device_batch_size=4"]
     elif recipe == "grpo":
         out += [DIGIT_REWARD, "rl.per_device_prompts=2", "rl.num_generations=4", "rl.num_iterations=2"]
+        if objective:
+            out += [f"rl.objective={objective}"]
     elif recipe == "dpo":
         out += [DIGIT_REWARD, "rl.per_device_batch_size=2", "recipe.pair_prompts=8", "recipe.pair_samples=4",
                 "recipe.pair_temperature=2.0"]

@@ -21,7 +21,8 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
                  deepspeed: str = "zero0", seed: int = 0, lr: float = 3e-3, beta: float = 0.0,
                  num_iterations: int = 2, estimator: str = "mean_field", lora: bool = False,
                  micro_batch_size: int = 8, rows: list[dict] | None = None, reward_funcs=None,
-                 reward_weights: list[float] | None = None, backend: str = "torch", rollouts=None):
+                 reward_weights: list[float] | None = None, backend: str = "torch", rollouts=None,
+                 objective: str = "diffu_grpo"):
     from rl.config import DiffuGRPOConfig, LoraOptions, RolloutOptions
     from rl.grpo import DiffuGRPOTrainer
     from rollout import build_tiny_policy
@@ -31,8 +32,9 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
     rows = rows if rows is not None else [{"prompt": f"{i:03d}"} for i in range(64)]
     cfg = DiffuGRPOConfig(
         run_dir=run_dir, seed=seed, max_steps=max_steps, lr=lr, per_device_prompts=4, num_generations=4,
-        num_iterations=num_iterations, beta=beta, epsilon=0.5, estimator=estimator,
-        estimator_options={"p_mask_prompt": 0.15} if estimator == "mean_field" else {},
+        num_iterations=num_iterations, beta=beta, epsilon=0.5, objective=objective,
+        estimator=estimator if objective == "diffu_grpo" else None,  # other objectives: their own
+        estimator_options={"p_mask_prompt": 0.15} if estimator == "mean_field" and objective == "diffu_grpo" else {},
         deepspeed=deepspeed, save_steps=save_steps, resume=resume,
         rollout=RolloutOptions(gen_length=8, block_length=8, steps=8, temperature=1.0, backend=backend),
         lora=LoraOptions(enabled=lora, r=8, alpha=16, dropout=0.0), sample_table_every=0, export_hf=True,
@@ -49,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--deepspeed", default="zero0")
     ap.add_argument("--beta", type=float, default=0.0)
+    ap.add_argument("--objective", default="diffu_grpo")
     ap.add_argument("--backend", default="torch", help="rollout backend (vllm: also compares it with torch at the end)")
     ap.add_argument("--out", default=None, help="write final metrics + a weight checksum to OUT.rank<r>.json")
     args = ap.parse_args(argv)
@@ -62,7 +65,7 @@ def main(argv=None) -> int:
     rollouts = build_rollout_engine(RolloutOptions(gen_length=8, block_length=8, steps=8, backend=args.backend))
     trainer = make_trainer(args.run_dir, max_steps=args.max_steps, save_steps=args.save_steps,
                            resume=args.resume, deepspeed=args.deepspeed, beta=args.beta, backend=args.backend,
-                           rollouts=rollouts)
+                           rollouts=rollouts, objective=args.objective)
     last = trainer.train()
     # greedy rollouts of the trained weights: this backend vs the torch sampler on the (gathered) policy
     prompts = [f"{i:03d}" for i in range(4)]

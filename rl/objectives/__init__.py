@@ -1,0 +1,9 @@
+"""Registered policy objectives (rl.objectives.base explains the interface). Importing the
+package registers every built-in objective and the estimators they bring."""
+
+from rl.objectives.base import (OBJECTIVES, Objective, PolicyLossInputs, PolicyLossOutput, clipped_surrogate,
+                                get_objective, k3_kl)
+from rl.objectives import diffu_grpo, espo, spg, trajectory, wd1  # noqa: F401  (registers)
+
+__all__ = ["OBJECTIVES", "Objective", "PolicyLossInputs", "PolicyLossOutput", "clipped_surrogate",
+           "get_objective", "k3_kl"]
