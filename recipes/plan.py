@@ -127,7 +127,9 @@ def plan_stage(cfg: RunConfig, key: str, model: torch.nn.Module, *, world_size: 
         data, cap = lengths.get("rl_prompt"), stage.max_prompt_length
         prompt = min(data, cap) if data and cap else (data or cap or ASSUMED_PROMPT)
         seq, scored = prompt + gen, gen
-        passes = dict(stage.estimator_options).get("n_samples", 1) * (2 if stage.estimator == "coupled" else 1)
+        from rl.estimators import get_estimator
+
+        passes = get_estimator(stage.estimator, **dict(stage.estimator_options)).passes_per_draw(stage.rollout.steps)
         rows = (micro_batch or stage.micro_batch_size or rows_per_step) * passes
         if cfg.rollout.backend == "torch":
             ro = stage.rollout

@@ -139,6 +139,11 @@ class Estimator:
         step count, passed to (and only to) estimators with ``needs_trace``."""
         raise NotImplementedError
 
+    def passes_per_draw(self, num_steps: int) -> int:
+        """Forward passes of one draw, at most (K of the ``MaskSample``); ``num_steps``: the rollout's
+        denoising steps (trajectory estimators). The memory plan (recipes/plan.py) sizes activations by it."""
+        return self.n_samples
+
     def score(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, prompt_len: int,
               sample: MaskSample, mask_id: int) -> torch.Tensor:
         """Per-pass token log-probs ``[K, B, L]`` (float32; 0 where ``weights == 0``). The ``K * B``
@@ -291,6 +296,9 @@ class Coupled(Estimator):
         super().__post_init__()
         if not 0.0 < self.t_min < 0.5:
             raise ValueError(f"coupled: t_min must be in (0, 0.5), got {self.t_min}")
+
+    def passes_per_draw(self, num_steps: int) -> int:
+        return 2 * self.n_samples
 
     def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)

@@ -175,3 +175,19 @@ def test_each_objective_runs_the_default_recipe(tmp_path, objective):
     assert 0 <= summary["rl"]["eval/accuracy"] <= 1
     steps = [json.loads(line) for line in (run_dir / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert sum("loss" in s for s in steps) == 3  # every RL step logged its loss
+
+
+@pytest.mark.parametrize("name", sorted(ESTIMATORS))
+def test_passes_per_draw_bounds_the_draws_passes(name):
+    """What the memory plan sizes by: the K of a draw (equal for mask estimators, an upper bound for
+    the trajectory ones, whose K depends on the trace)."""
+    from rl.estimators import get_estimator
+
+    b, p, l, steps = 3, 4, 8, 8
+    attn = torch.ones(b, p + l, dtype=torch.long)
+    cmask = torch.ones(b, l, dtype=torch.long)
+    est = get_estimator(name, **({"block_length": 4} if name == "spg" else {}))
+    trace = {"trace": torch.arange(l).expand(b, l), "num_steps": steps} if est.needs_trace else {}
+    k = est.draw(attn, cmask, p, torch.Generator().manual_seed(0), **trace).num_passes
+    bound = est.passes_per_draw(steps)
+    assert k == bound if not est.needs_trace else 1 <= k <= bound

@@ -105,6 +105,9 @@ class EspoElbo(Estimator):
     stratified: bool = True
     name: ClassVar[str] = "espo"
 
+    def passes_per_draw(self, num_steps: int) -> int:
+        return self.n_samples * (2 if self.reduce_var else 1)
+
     def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         _, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         scope = torch.ones_like(valid) if self.full_width else valid

@@ -118,6 +118,9 @@ class SPGMasks(Estimator):
         if not 0.0 <= self.p_mask_prompt <= 1.0:
             raise ValueError(f"spg: p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
 
+    def passes_per_draw(self, num_steps: int) -> int:
+        return self.n_samples * self.num_t
+
     def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None) -> MaskSample:
         prompt, valid = _completion_valid(attention_mask, completion_mask, prompt_len)
         (b, l), dev = valid.shape, valid.device

@@ -157,6 +157,9 @@ class D2StepMerge(_SegmentScoring):
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"d2_stepmerge: num_steps must be >= 1 or None, got {self.num_steps}")
 
+    def passes_per_draw(self, num_steps: int) -> int:
+        return self.n_samples * min(self.N, max(num_steps, 1))
+
     def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None,
              num_steps: int | None = None) -> MaskSample:
         """``num_steps``: the rollout's step count (``Rollout.num_steps``) when the caller passes it;
@@ -192,6 +195,9 @@ class TraceRLTrace(_SegmentScoring):
             raise ValueError(f"tracerl: shrink must be >= 1, got {self.shrink}")
         if self.n_samples != 1:
             raise ValueError(f"tracerl: the trace passes are deterministic; n_samples must be 1, got {self.n_samples}")
+
+    def passes_per_draw(self, num_steps: int) -> int:
+        return -(-max(num_steps, 1) // self.shrink)
 
     def draw(self, attention_mask, completion_mask, prompt_len, generator, *, trace=None,
              num_steps: int | None = None) -> MaskSample:
