@@ -381,6 +381,12 @@ class DiffuGRPOConfig(_GroupRLConfig):
             # block-wise masks (SPG) follow the rollouts' semi-AR blocks unless set
             self.estimator_options = {**self.estimator_options, "block_length": self.rollout.block_length}
         check_estimator("", self.estimator, self.estimator_options)
+        from rl.estimators import get_estimator
+
+        try:
+            objective.check_estimator(get_estimator(self.estimator, **dict(self.estimator_options)))
+        except ValueError as e:
+            raise ConfigError(f"estimator_options={dict(self.estimator_options)}: {e}") from None
         if objective.estimators is not None and self.estimator not in objective.estimators:
             raise ConfigError(f"estimator={self.estimator!r}: objective {self.objective!r} takes "
                               f"{' or '.join(objective.estimators)}")

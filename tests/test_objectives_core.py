@@ -144,6 +144,10 @@ def test_config_checks_what_an_objective_accepts():
             DiffuGRPOConfig(objective="test_no_kl", beta=0.0, objective_options={"scael": 2.0})
     finally:
         del OBJECTIVES["test_no_kl"]
+    # a trajectory estimator set apart from its objective's options: refused when the config is built
+    with pytest.raises(ConfigError, match="the objective has N=8.*the estimator N=4.*rl.objective_options only"):
+        DiffuGRPOConfig(objective="d2_stepmerge", estimator_options={"N": 4})
+    assert DiffuGRPOConfig(objective="d2_stepmerge", objective_options={"N": 4}).estimator_options["N"] == 4
 
 
 def test_help_lists_the_registries(capsys):

@@ -107,6 +107,10 @@ class Objective:
         """The aggregation used unless the config names one, for terms of ``level`` ("token"/"sequence")."""
         return self.loss_type
 
+    def check_estimator(self, estimator: Estimator) -> None:
+        """Raise ``ValueError`` when ``estimator`` (built from the config) cannot serve this objective
+        (checked when the config is built; e.g. a trajectory estimator with other segments)."""
+
     def prepare(self, advantages: torch.Tensor, rewards: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
         """Per-completion tensors ``[N]`` the loss needs, computed once per step on the rank's whole
         batch (e.g. wd1's group softmax weights); sliced per micro-batch into ``PolicyLossInputs.rows``."""

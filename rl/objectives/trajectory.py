@@ -250,12 +250,15 @@ class D2StepMergeObjective(Objective):
     def default_loss_type(self, level: str) -> str:
         return "dapo" if level == "token" else "grpo"
 
-    def terms(self, estimator, sample, logps, completion_mask, rows) -> torch.Tensor:
+    def check_estimator(self, estimator) -> None:
         mine = (self.N, self.p_mask_prompt)
         if isinstance(estimator, D2StepMerge) and (estimator.N, estimator.p_mask_prompt) != mine:
             raise ValueError(f"d2_stepmerge: the objective has N={self.N}, p_mask_prompt={self.p_mask_prompt} but the "
                              f"estimator N={estimator.N}, p_mask_prompt={estimator.p_mask_prompt}; set them in "
                              "rl.objective_options only")
+
+    def terms(self, estimator, sample, logps, completion_mask, rows) -> torch.Tensor:
+        self.check_estimator(estimator)
         return super().terms(estimator, sample, logps, completion_mask, rows)
 
     def loss(self, inp: PolicyLossInputs) -> PolicyLossOutput:
@@ -324,12 +327,15 @@ class TraceRL(Objective):
     def default_loss_type(self, level: str) -> str:
         return "seq_mean_token_sum"
 
-    def terms(self, estimator, sample, logps, completion_mask, rows) -> torch.Tensor:
+    def check_estimator(self, estimator) -> None:
         if isinstance(estimator, TraceRLTrace) and estimator.shrink != self.shrink:
             raise ValueError(f"tracerl: the objective has shrink={self.shrink} but the estimator shrink="
                              f"{estimator.shrink}; set it in rl.objective_options only")
         if getattr(estimator, "n_samples", 1) != 1:
             raise ValueError("tracerl: needs each token scored in one pass (estimator n_samples = 1)")
+
+    def terms(self, estimator, sample, logps, completion_mask, rows) -> torch.Tensor:
+        self.check_estimator(estimator)
         return super().terms(estimator, sample, logps, completion_mask, rows)
 
     def _weights(self, inp: PolicyLossInputs) -> tuple[torch.Tensor, torch.Tensor]:
