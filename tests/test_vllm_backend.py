@@ -222,6 +222,23 @@ def test_grpo_trainer_on_vllm_logs_weight_sync_and_serves_trained_weights(tmp_pa
               vllm_engine.generate(ids, mask, options=greedy))
 
 
+def test_trajectory_objective_trains_on_vllm_rollouts(tmp_path):
+    """TraceRL reads each token's unmasking step: the vLLM backend's loop records it as the torch
+    sampler does, and the objective trains on it (one pass per trace group, at least two groups)."""
+    from helpers.toy_grpo import make_trainer
+
+    close_live_engines()
+    with VLLMEngine(VLLM) as vllm_engine:
+        trainer = make_trainer(str(tmp_path / "run"), max_steps=1, lr=3e-2, backend="vllm", rollouts=vllm_engine,
+                               objective="tracerl", objective_options={"shrink": 2})
+        assert trainer.config.estimator == "tracerl"
+        ro = vllm_engine.generate(PROMPTS, options=trainer.config.rollout)
+        valid = ro.completion_mask.bool()
+        assert (ro.unmask_step[valid] >= 0).all() and int(ro.unmask_step.max()) >= 2 * trainer.objective.shrink
+        last = trainer.train()
+        assert math.isfinite(last["loss"]) and last["grad_norm"] > 0
+
+
 def test_default_recipe_runs_on_vllm(tmp_path, monkeypatch):
     """``dllm-rl rollout.backend=vllm`` at test sizes: both stages train, validate and test on vLLM,
     then the final checkpoint's eval table; at most one engine runs at any time (each stage's is

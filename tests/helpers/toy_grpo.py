@@ -22,7 +22,7 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
                  num_iterations: int = 2, estimator: str = "mean_field", lora: bool = False,
                  micro_batch_size: int = 8, rows: list[dict] | None = None, reward_funcs=None,
                  reward_weights: list[float] | None = None, backend: str = "torch", rollouts=None,
-                 objective: str = "diffu_grpo"):
+                 objective: str = "diffu_grpo", objective_options: dict | None = None):
     from rl.config import DiffuGRPOConfig, LoraOptions, RolloutOptions
     from rl.grpo import DiffuGRPOTrainer
     from rollout import build_tiny_policy
@@ -33,6 +33,7 @@ def make_trainer(run_dir: str, *, max_steps: int = 30, save_steps: int = 0, resu
     cfg = DiffuGRPOConfig(
         run_dir=run_dir, seed=seed, max_steps=max_steps, lr=lr, per_device_prompts=4, num_generations=4,
         num_iterations=num_iterations, beta=beta, epsilon=0.5, objective=objective,
+        objective_options=objective_options or {},
         estimator=estimator if objective == "diffu_grpo" else None,  # other objectives: their own
         estimator_options={"p_mask_prompt": 0.15} if estimator == "mean_field" and objective == "diffu_grpo" else {},
         deepspeed=deepspeed, save_steps=save_steps, resume=resume,
