@@ -94,10 +94,12 @@ def table(runs: Path, tasks: list[str], seeds: list[int], names: list[str]) -> s
     lines = ["| objective | " + " | ".join(f"{t}: test acc (mean +- SE) | vs diffu_grpo (paired)" for t in tasks)
              + " | RL wall per run |",
              "|---|" + "---|---|" * len(tasks) + "---|"]
-    base = {t: {s: json.loads((runs / t / f"seed{s}" / "diffu_grpo" / "summary.json").read_text())["rl"]
-                ["eval/accuracy"] for s in seeds} for t in tasks if "diffu_grpo" in names}
-    sft = {t: [json.loads((sft_dir(runs, t, s) / "summary.json").read_text())["sft"]["eval/accuracy"] for s in seeds]
-           for t in tasks}
+    def acc(path: Path, stage: str) -> float | None:
+        return json.loads(path.read_text())[stage]["eval/accuracy"] if path.exists() else None
+
+    base = {t: {s: a for s in seeds if (a := acc(runs / t / f"seed{s}" / "diffu_grpo" / "summary.json", "rl"))
+                is not None} for t in tasks if "diffu_grpo" in names}
+    sft = {t: [a for s in seeds if (a := acc(sft_dir(runs, t, s) / "summary.json", "sft")) is not None] for t in tasks}
     sft_cells = [c for t in tasks for c in (f"{100 * mean_se(sft[t])[0]:.1f} +- {100 * mean_se(sft[t])[1]:.1f}", "-")]
     lines.insert(2, "| SFT checkpoint | " + " | ".join(sft_cells) + " | - |")
     for name in names:
@@ -115,10 +117,11 @@ def table(runs: Path, tasks: list[str], seeds: list[int], names: list[str]) -> s
                 continue
             m, se = mean_se([100 * a for a in accs.values()])
             cells.append(f"{m:.1f} +- {se:.1f} (n={len(accs)})")
-            if name == "diffu_grpo" or t not in base:
+            paired = [s for s in accs if s in base.get(t, {})]
+            if name == "diffu_grpo" or not paired:
                 cells.append("-")
             else:
-                dm, dse = mean_se([100 * (accs[s] - base[t][s]) for s in accs if s in base[t]])
+                dm, dse = mean_se([100 * (accs[s] - base[t][s]) for s in paired])
                 cells.append(f"{dm:+.1f} +- {dse:.1f}")
         wall = f"{sum(walls) / len(walls):.0f} s" if walls else "-"
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {wall} |")
