@@ -17,23 +17,20 @@ Their ``_get_per_token_logps*`` cast log-probs to float32; the fp64 rows run the
 ``torch.float32`` read as float64 (a namespace shim), two rows keep the cast.
 
     .venv/bin/python scripts/check_objectives_reference.py --refs /tmp/refs --only d2_stepmerge [--write-fixtures]
-        [--record tests/fixtures/objectives/d2_stepmerge.json]
 """
 
 from __future__ import annotations
 
-import ast
-import json
 import math
 import pathlib
-import sys
-import textwrap
 import types
 import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from ._authors import checkout_path, class_methods, write_fixture
 
 TRAINER = "diffu-grpo/diffu_grpo_trainer.py"
 CLASS = "d2StepMergeTrainer"
@@ -53,18 +50,6 @@ EPSILON, BETA = 0.5, 0.04  # train.yaml
 NS = (1, 3, 4, 5, 12)  # segment counts checked (12 = every step)
 RECORD_N = 4
 FIXTURE_PARAMS = 6  # recorded gradient sums: the first parameters (by name order)
-
-
-def _repo_root() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2]
-
-
-def _trainer_file(repo: pathlib.Path) -> pathlib.Path:
-    repo = pathlib.Path(repo)
-    for cand in (repo / TRAINER, repo / "d2" / TRAINER):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no {TRAINER} under {repo} (pass the d2 checkout or the refs folder holding d2/)")
 
 
 class _Torch:
@@ -88,21 +73,8 @@ def _set_seed(seed) -> None:
 def authors_trainer(repo: pathlib.Path, *, n_segments: int, mask_id: int, fp64: bool = True):
     """A stub ``d2StepMergeTrainer`` carrying the authors' methods, args as their scripts set them
     (gradient_accumulation_steps = N: one generation batch per optimizer step; num_iterations = 2)."""
-    path = _trainer_file(repo)
-    text = path.read_text()
-    tree = ast.parse(text)
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == CLASS), None)
-    if cls is None:
-        raise LookupError(f"{path}: no class {CLASS}")
-    nodes = {n.name: n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in METHODS}
-    missing = set(METHODS) - set(nodes)
-    if missing:
-        raise LookupError(f"{path}:{CLASS} lacks {sorted(missing)}")
     ns = {"torch": _Torch(fp64), "F": F, "np": np, "math": math, "set_seed": _set_seed}
-    methods = {}
-    for name, node in nodes.items():  # decorators (profiling, no_grad) are not part of the segment
-        exec(compile(textwrap.dedent(ast.get_source_segment(text, node)), f"{path}:{name}", "exec"), ns)  # noqa: S102
-        methods[name] = ns[name]
+    methods = class_methods(checkout_path(repo, TRAINER, "d2"), CLASS, METHODS, ns)
     obj = type(f"Authors{CLASS}", (), methods)()
     obj.args = types.SimpleNamespace(N=n_segments, p_mask_prompt=P_MASK_PROMPT, mask_id=mask_id, cfg_scale=0.0,
                                      fp16=False, gradient_accumulation_steps=n_segments)
@@ -373,13 +345,9 @@ def run(repo: pathlib.Path) -> tuple[list[tuple[str, float, bool]], dict]:
 
 def check(repo: pathlib.Path) -> list[tuple[str, float, bool]]:
     """(what was compared, max abs diff, ok) rows; ``repo``: the d2 checkout or a folder holding ``d2/``."""
-    sys.path.insert(0, str(_repo_root()))
     return run(pathlib.Path(repo))[0]
 
 
 def record(repo: pathlib.Path, out_path: pathlib.Path) -> None:
     """Write the authors' numbers on the N = RECORD_N inputs to ``out_path`` (the test's fixture)."""
-    sys.path.insert(0, str(_repo_root()))
-    rec = run(pathlib.Path(repo))[1]
-    pathlib.Path(out_path).write_text(json.dumps(rec, separators=(",", ":")) + "\n")
-
+    write_fixture(out_path, run(pathlib.Path(repo))[1])

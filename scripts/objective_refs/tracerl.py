@@ -23,9 +23,7 @@ our old terms rounded the same way, and one row shows what the rounding changes.
 from __future__ import annotations
 
 import ast
-import json
 import pathlib
-import sys
 import textwrap
 import types
 
@@ -33,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+
+from ._authors import checkout_path, write_fixture
 
 SOURCE = "train/rl_llada.py"
 NESTED = ("collapse_k_unique", "prepare_inputs_and_labels_for_text", "compute_logp_old_tok_parallel",
@@ -51,22 +51,10 @@ RECORD = ("b", 3)
 FIXTURE_PARAMS = 6
 
 
-def _repo_root() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2]
-
-
-def _source_file(repo: pathlib.Path) -> pathlib.Path:
-    repo = pathlib.Path(repo)
-    for cand in (repo / SOURCE, repo / "dLLM-RL" / SOURCE):
-        if cand.is_file():
-            return cand
-    raise FileNotFoundError(f"no {SOURCE} under {repo} (pass the dLLM-RL checkout or the refs folder holding dLLM-RL/)")
-
-
 def authors_namespace(repo: pathlib.Path, *, shrink: int, mask_id: int, pad_id: int) -> dict:
     """The authors' functions exec'd into one namespace: ``config`` / ``uni_prompting`` / ``model`` stubs
     stand for what their ``main`` closes over (set ``ns["model"]`` before calling)."""
-    path = _source_file(repo)
+    path = checkout_path(repo, SOURCE, "dLLM-RL")
     text = path.read_text()
     tree = ast.parse(text)
     main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
@@ -317,13 +305,9 @@ def run(repo: pathlib.Path) -> tuple[list[tuple[str, float, bool]], dict]:
 
 def check(repo: pathlib.Path) -> list[tuple[str, float, bool]]:
     """(what was compared, max abs diff, ok) rows; ``repo``: the dLLM-RL checkout or a folder holding ``dLLM-RL/``."""
-    sys.path.insert(0, str(_repo_root()))
     return run(pathlib.Path(repo))[0]
 
 
 def record(repo: pathlib.Path, out_path: pathlib.Path) -> None:
     """Write the authors' numbers on the RECORD scenario to ``out_path`` (the test's fixture)."""
-    sys.path.insert(0, str(_repo_root()))
-    rec = run(pathlib.Path(repo))[1]
-    pathlib.Path(out_path).write_text(json.dumps(rec, separators=(",", ":")) + "\n")
-
+    write_fixture(out_path, run(pathlib.Path(repo))[1])

@@ -17,14 +17,13 @@ Their ``_get_per_token_logps`` casts the log-probs to float32; the fp64 rows run
 from __future__ import annotations
 
 import ast
-import json
 import pathlib
-import sys
-import textwrap
 import types
 
 import torch
 import torch.nn.functional as F
+
+from ._authors import checkout_path, class_methods, class_nodes, write_fixture
 
 TRAINERS = "wd1/trainers"
 MAIN = ("rev_grpo_trainer.py", "RevDiffuGRPOTrainer")  # trainer_type=wll_d1_neg (run/wll_NP_*.sh)
@@ -43,18 +42,6 @@ P_MASK_PROMPT = 0.15  # wd1/train.yaml
 GRAD_SLICE = 6  # recorded gradient entries per parameter (fixture)
 
 
-def _repo_root() -> pathlib.Path:
-    return pathlib.Path(__file__).resolve().parents[2]
-
-
-def _trainers_dir(repo: pathlib.Path) -> pathlib.Path:
-    repo = pathlib.Path(repo)
-    for cand in (repo / TRAINERS, repo / "wd1" / TRAINERS):
-        if cand.is_dir():
-            return cand
-    raise FileNotFoundError(f"no {TRAINERS} under {repo} (pass the wd1 checkout or the refs folder holding it)")
-
-
 class _Torch64:
     """``torch`` with ``float32`` read as ``float64`` (the authors' final cast kept in fp64)."""
 
@@ -62,18 +49,6 @@ class _Torch64:
 
     def __getattr__(self, key):
         return getattr(torch, key)
-
-
-def _method_sources(path: pathlib.Path, cls: str, names: tuple[str, ...]) -> dict[str, ast.FunctionDef]:
-    tree = ast.parse(path.read_text())
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == cls:
-            found = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef) and n.name in names}
-            missing = set(names) - set(found)
-            if missing:
-                raise LookupError(f"{path.name}:{cls} lacks {sorted(missing)}")
-            return found
-    raise LookupError(f"{path.name}: no class {cls}")
 
 
 def _set_seed(seed) -> None:
@@ -84,13 +59,8 @@ def _set_seed(seed) -> None:
 def authors_trainer(repo: pathlib.Path, which: tuple[str, str], *, fp64: bool = True, mask_id: int,
                     beta: float = 0.0):
     """A stub trainer object carrying the authors' methods of ``which`` = (file, class)."""
-    path = _trainers_dir(repo) / which[0]
     ns = {"torch": _Torch64() if fp64 else torch, "F": F, "set_seed": _set_seed}
-    methods = {}
-    for name, node in _method_sources(path, which[1], METHODS).items():
-        src = textwrap.dedent(ast.get_source_segment(path.read_text(), node))
-        exec(compile(src, f"{path}:{name}", "exec"), ns)  # noqa: S102  (the authors' code, read-only checkout)
-        methods[name] = ns[name]
+    methods = class_methods(checkout_path(repo, f"{TRAINERS}/{which[0]}", "wd1"), which[1], METHODS, ns)
     stub_cls = type(f"Authors{which[1]}", (), methods)
     obj = stub_cls()
     obj.args = types.SimpleNamespace(p_mask_prompt=P_MASK_PROMPT, mask_id=mask_id, cfg_scale=0.0, num_iterations=1)
@@ -100,8 +70,8 @@ def authors_trainer(repo: pathlib.Path, which: tuple[str, str], *, fp64: bool = 
 
 def authors_advantages(repo: pathlib.Path, rewards: torch.Tensor, num_generations: int) -> torch.Tensor:
     """The advantage statements of the authors' ``_generate_and_score_completions`` (r - group mean, no std)."""
-    path = _trainers_dir(repo) / MAIN[0]
-    fn = _method_sources(path, MAIN[1], ("_generate_and_score_completions",))["_generate_and_score_completions"]
+    path = checkout_path(repo, f"{TRAINERS}/{MAIN[0]}", "wd1")
+    fn = class_nodes(path, MAIN[1], ("_generate_and_score_completions",))["_generate_and_score_completions"]
     wanted = {"mean_grouped_rewards", "std_grouped_rewards", "advantages"}
     body = []
     for stmt in fn.body:
@@ -311,16 +281,14 @@ def run(repo: pathlib.Path) -> tuple[list[tuple[str, float, bool]], dict]:
 
 def check(repo: pathlib.Path) -> list[tuple[str, float, bool]]:
     """(what was compared, max abs diff, ok) rows; ``repo``: the wd1 checkout or a folder holding ``wd1/``."""
-    sys.path.insert(0, str(_repo_root()))
     return run(pathlib.Path(repo))[0]
 
 
 def record(repo: pathlib.Path, out_path: pathlib.Path) -> None:
     """Write the fixture (inputs, masks, the authors' losses, seq terms and gradient slices)."""
-    sys.path.insert(0, str(_repo_root()))
     rows, rec = run(pathlib.Path(repo))
     bad = [r for r in rows if not r[2]]
     if bad:
         raise SystemExit(f"not recording: failing rows {bad}")
-    pathlib.Path(out_path).write_text(json.dumps(rec, separators=(",", ":")) + "\n")
+    write_fixture(out_path, rec)
 
