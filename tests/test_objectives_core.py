@@ -195,3 +195,19 @@ def test_passes_per_draw_bounds_the_draws_passes(name):
     k = est.draw(attn, cmask, p, torch.Generator().manual_seed(0), **trace).num_passes
     bound = est.passes_per_draw(steps)
     assert k == bound if not est.needs_trace else 1 <= k <= bound
+
+
+def test_every_objective_has_a_reference_check():
+    """scripts/check_objectives_reference.py names each objective's check module and authors'
+    repository; a newly registered objective without one fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "check_objectives_reference.py"
+    spec = importlib.util.spec_from_file_location("check_objectives_reference", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert set(mod.CHECKS) == set(OBJECTIVES)
+    for module, _, fixture in mod.CHECKS.values():
+        assert (path.parent / "objective_refs" / f"{module}.py").is_file()
+        assert (path.parents[1] / "tests" / "fixtures" / "objectives" / fixture).is_file()

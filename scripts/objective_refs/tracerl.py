@@ -17,7 +17,6 @@ Their old log-probs are stored in float32 (``TrainDataset.logp_old_tok``); our l
 our old terms rounded the same way, and one row shows what the rounding changes.
 
     .venv/bin/python scripts/check_objectives_reference.py --refs /tmp/refs --only tracerl [--write-fixtures]
-        [--record tests/fixtures/objectives/tracerl.json]
 """
 
 from __future__ import annotations
