@@ -80,7 +80,7 @@ class UnmaskPolicyHead(nn.Module):
     (``residual_bound``; 0 = unbounded): as g grows, the block can reorder positions whose
     confidences are close but cannot override a clear confidence gap. The trainer's ``block_kl``
     penalty (:func:`block_kl`) keeps it near zero unless rewards pay for moving it. On the Sudoku
-    benchmark (docs/benchmarks.md) an unpenalised block drifted under noisy policy gradients and
+    benchmark (docs/history.md, "Unmasking-order learner") an unpenalised block drifted under noisy policy gradients and
     cost up to 8 points against low-confidence on one seed. The output layer and g start at
     zero, so every score starts at exactly 0 and the initial Plackett-Luce policy is uniform."""
 
