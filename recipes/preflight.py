@@ -6,7 +6,8 @@ run never dies on "index 512 is out of bounds" after a whole SFT stage.
 
 from __future__ import annotations
 
-from recipes.schema import RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SFTConfig, UnmaskOrderConfig
+from recipes.schema import (RECIPES, ConfigError, DiffuGRPOConfig, DPOConfig, RunConfig, SelfDistillConfig, SFTConfig,
+                            UnmaskOrderConfig)
 from rl.tasks import DataError, Task
 from rl.tasks.d1 import D1_GEN_LENGTHS
 
@@ -60,7 +61,7 @@ def check_splits(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Task
     own task), RL prompts for one global batch, a test split."""
     for key, _ in RECIPES[cfg.recipe.name]:
         stage = getattr(cfg, key)
-        split = "sft" if isinstance(stage, SFTConfig) else "rl"
+        split = "sft" if isinstance(stage, SFTConfig) and not isinstance(stage, SelfDistillConfig) else "rl"
         source = sft_task if split == "sft" and sft_task is not None else task
         if not source.has_train:
             raise DataError(source.missing_train_message())
@@ -155,7 +156,9 @@ def check_training(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Ta
     sft_lengths: dict[str, int] = {}
     for key, _ in RECIPES[cfg.recipe.name]:
         stage = getattr(cfg, key)
-        if isinstance(stage, SFTConfig):
+        if isinstance(stage, SelfDistillConfig):  # decodes RL prompts, then trains on prompt + completion
+            uses.append(("rl", task.rows("rl"), stage.rollout.gen_length))
+        elif isinstance(stage, SFTConfig):
             if sft_task is not None and sft_task is not task:
                 sft_lengths = check_lengths(cfg, sft_task, [("sft", sft_task.rows("sft"), 0)])
             else:

@@ -46,7 +46,7 @@ def plot_curves(run_dir: Path) -> Path | None:
         return None
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     fig, (ax_r, ax_a) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True)
-    colors = {"sft": "tab:blue", "rl": "tab:orange"}
+    colors = {"sft": "tab:blue", "rl": "tab:orange", "distill": "tab:green"}
     for stage in dict.fromkeys(r["stage"] for r in rows):
         srows = [r for r in rows if r["stage"] == stage]
         x, y = _series(srows, "reward")
@@ -96,7 +96,7 @@ def json_safe(obj):
 def print_outputs(run_dir: Path, summary: dict) -> None:
     """The closing lines: accuracies and where each output is."""
     lines = ["", f"[dllm-rl] done in {summary.get('wall_time_s', 0):.0f}s. Outputs in {run_dir}/:"]
-    for stage in ("sft", "rl"):
+    for stage in ("sft", "rl", "distill"):
         if stage in summary and "eval/accuracy" in summary[stage]:
             s = summary[stage]
             lines.append(f"  {stage:>3}: test eval/accuracy {100 * s['eval/accuracy']:.1f}% "
@@ -105,8 +105,9 @@ def print_outputs(run_dir: Path, summary: dict) -> None:
                 lines.append(f"       low-confidence order at the same steps: "
                              f"{100 * s['eval/accuracy_low_confidence_order']:.1f}%")
     if "lift" in summary:
-        lines.append(f"  lift (rl - sft): {100 * summary['lift']:+.1f} points")
-    for name, what in (("summary.json", "accuracies"), ("metrics.jsonl", "all metrics, both stages"),
+        last = "distill" if "distill" in summary else "rl"
+        lines.append(f"  lift ({last} - sft): {100 * summary['lift']:+.1f} points")
+    for name, what in (("summary.json", "accuracies"), ("metrics.jsonl", "all metrics, every stage"),
                        ("reward_curve.png", "reward and accuracy curves"), ("final", "final HF checkpoint")):
         if (run_dir / name).exists():
             lines.append(f"  {name:<17} {what}")

@@ -16,8 +16,9 @@ from typing import Any
 
 from hydra.core.config_store import ConfigStore
 
-from rl.config import (WANDB_MODES, ConfigError, DiffuGRPOConfig, DPOConfig, RolloutOptions, SFTConfig,  # noqa: F401
-                       TrainerConfig, UnmaskOrderConfig, check_choice, check_range, check_rewards)
+from rl.config import (WANDB_MODES, ConfigError, DiffuGRPOConfig, DPOConfig, RolloutOptions,  # noqa: F401
+                       SelfDistillConfig, SFTConfig, TrainerConfig, UnmaskOrderConfig, check_choice, check_range,
+                       check_rewards)
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -28,12 +29,15 @@ RECIPES: dict[str, tuple[tuple[str, type[TrainerConfig]], ...]] = {
     "grpo": (("rl", DiffuGRPOConfig),),
     "dpo": (("rl", DPOConfig),),
     "unmask_order": (("rl", UnmaskOrderConfig),),
+    "distill": (("distill", SelfDistillConfig),),
     "sft_then_grpo": (("sft", SFTConfig), ("rl", DiffuGRPOConfig)),
+    # then self-distillation for parallel decoding (rl/distill.py): the speed-aware recipe
+    "sft_grpo_distill": (("sft", SFTConfig), ("rl", DiffuGRPOConfig), ("distill", SelfDistillConfig)),
     "eval": (),
 }
 # Trainer group options (configs/trainer/<option>.yaml extends <schema>_schema) -> their dataclass.
 TRAINER_SCHEMAS: dict[str, type[TrainerConfig]] = {"sft": SFTConfig, "diffu_grpo": DiffuGRPOConfig, "dpo": DPOConfig,
-                                                   "unmask_order": UnmaskOrderConfig}
+                                                   "unmask_order": UnmaskOrderConfig, "self_distill": SelfDistillConfig}
 MODEL_FAMILIES = ("tiny", "llada", "dream", "auto")
 # eval.protocol: ours = the task's verifiers; d1 = d1's evaluation (recipes/evaluation.py)
 EVAL_PROTOCOLS = ("ours", "d1")
@@ -216,6 +220,7 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     sft: Any = None  # an SFTConfig (trainer@sft group)
     rl: Any = None  # a DiffuGRPOConfig / DPO / unmasking-order config (trainer@rl group)
+    distill: Any = None  # a SelfDistillConfig (trainer@distill group; recipe=sft_grpo_distill)
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, ("auto", "cpu", "cuda"))

@@ -15,6 +15,7 @@ a TRL config cannot be ported with the wrong meaning (README, "Coming from TRL")
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -283,6 +284,10 @@ class SFTConfig(TrainerConfig):
     pad_response_to: int = 0  # > 0: pad responses with EOS to this many tokens (LLaDA SFT style)
     example_format: str = "generation_prompt"  # how rows become tokens: rl/sft_format.py (d1: d1's preprocess_dataset)
     eval_batches: int = 4
+    # dParallel's certainty forcing (rl/losses.py:certainty_forcing_loss): + weight x the mean entropy
+    # of softmax(logits / temperature) at masked positions already predicted right; 0 = plain SFT
+    certainty_weight: float = 0.0
+    certainty_temperature: float = 0.5
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -294,6 +299,32 @@ class SFTConfig(TrainerConfig):
 
         check_choice("example_format", self.example_format, sorted(SFT_FORMATS))
         check_range("eval_batches", self.eval_batches, low=0)
+        check_range("certainty_weight", self.certainty_weight, low=0)
+        check_range("certainty_temperature", self.certainty_temperature, low=0, low_open=True)
+
+
+@dataclass
+class SelfDistillConfig(SFTConfig):
+    """Self-distillation for parallel decoding (rl/distill.py): the policy decodes the RL prompts
+    with ``rollout`` (its reference loop), the verifier keeps the solved ones, and masked SFT with
+    certainty forcing trains on them (dParallel's certainty-forcing distillation on the policy's
+    own trajectories, filtered by reward as in rejection-sampling fine-tuning)."""
+
+    certainty_weight: float = 2.0  # dParallel's entropy_weight
+    num_prompts: int = 0  # RL prompts decoded for the data; 0 = all
+    samples_per_prompt: int = 1  # completions per prompt (> 1 with rollout.temperature > 0)
+    rollout: RolloutOptions = field(default_factory=RolloutOptions)  # the decoding that writes the data
+    # validation (and so the kept checkpoint) decodes with the run's rollout options updated by these,
+    # e.g. {steps: 5}: select for the parallel decoding the stage trains for; {} = the run's rollout
+    val_rollout: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_range("num_prompts", self.num_prompts, low=0)
+        check_range("samples_per_prompt", self.samples_per_prompt, low=1)
+        unknown = sorted(set(self.val_rollout) - {f.name for f in dataclasses.fields(RolloutOptions)})
+        if unknown:
+            raise ConfigError(f"val_rollout: unknown rollout option(s) {unknown}")
 
 
 @dataclass

@@ -56,20 +56,29 @@ class SFTTrainer(Trainer):
         return draw_sft_noise(batch["response_mask"], self.generators["mask"], self.config.eps)
 
     def training_step(self, rows: list[dict]) -> dict[str, float | torch.Tensor]:
+        cfg = self.config
         batch = self.batch(rows)
         n = batch["input_ids"].shape[0]
         t, masked = self.draw_noise(batch)
         total = torch.zeros((), device=self.device)
+        terms = {"ce": torch.zeros((), device=self.device), "certainty": torch.zeros((), device=self.device)}
         chunks = self.micro_batches(n)
         for sl in chunks:
+            parts: dict = {}
             loss = diffusion_sft_loss(self.model, batch["input_ids"][sl], batch["response_mask"][sl],
                                       mask_id=self.mask_id, attention_mask=batch["attention_mask"][sl],
-                                      noise=(t[sl], masked[sl]))
+                                      noise=(t[sl], masked[sl]), certainty_weight=cfg.certainty_weight,
+                                      certainty_temperature=cfg.certainty_temperature, parts=parts)
+            for k, v in parts.items():
+                terms[k] += v * (sl.stop - sl.start) / n
             # each micro-batch is a mean over its rows; weight it by its share of the batch
             # (DeepSpeed divides by the accumulation steps, len(chunks))
             self.backward_and_step(loss * (sl.stop - sl.start) / n * len(chunks))
             total += loss.detach() * (sl.stop - sl.start) / n
-        return {"loss": total, "grad_norm": self.grad_norm()}
+        out = {"loss": total, "grad_norm": self.grad_norm()}
+        if cfg.certainty_weight > 0:
+            out.update({"loss/ce": terms["ce"], "loss/certainty": terms["certainty"]})
+        return out
 
     @torch.no_grad()
     def eval_loss(self) -> dict[str, float]:

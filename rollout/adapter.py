@@ -29,11 +29,15 @@ from transformers.utils import ModelOutput
 @dataclass
 class PolicyOutput(ModelOutput):
     """``logits [B, T or n, V]``; ``hidden_states`` when asked; ``token_logps [B, n]`` (float32,
-    0 where not scored) instead of logits when ``score_targets`` is given."""
+    0 where not scored) instead of logits when ``score_targets`` is given, with ``token_entropy``
+    (the entropy of ``softmax(logits / T)``) and ``token_correct`` (1.0 where the argmax is the
+    target; no gradient) when ``entropy_temperature = T`` is given too."""
 
     logits: torch.Tensor | None = None
     hidden_states: tuple | None = None
     token_logps: torch.Tensor | None = None
+    token_entropy: torch.Tensor | None = None
+    token_correct: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class PolicyAdapter(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False, logits_to_keep: int = 0,
-                score_targets: torch.Tensor | None = None, **kw) -> PolicyOutput:
+                score_targets: torch.Tensor | None = None, entropy_temperature: float | None = None,
+                **kw) -> PolicyOutput:
         """Run the model; ``.logits[:, i]`` predicts token ``i`` (realigned for shifted models);
         ``.hidden_states`` (tuple, realigned the same way) when ``output_hidden_states``.
 
@@ -152,7 +157,9 @@ class PolicyAdapter(nn.Module):
         ``score_targets [B, n]`` (with ``logits_to_keep = n``; -1 = not scored; needs
         :attr:`fused_scoring`): return ``token_logps`` = log p(target) at the scored positions
         instead of logits. The head runs only on scored positions, in chunks whose logits are
-        recomputed in the backward pass, so no ``[B, n, V]`` tensor ever exists."""
+        recomputed in the backward pass, so no ``[B, n, V]`` tensor ever exists. With
+        ``entropy_temperature`` the same chunks also give ``token_entropy`` and ``token_correct``
+        (certainty forcing, :func:`rl.losses.certainty_forcing_loss`)."""
         if output_hidden_states:
             kw["output_hidden_states"] = True
         if attention_mask is not None and "position_ids" not in kw and self._takes_position_ids:
@@ -167,7 +174,10 @@ class PolicyAdapter(nn.Module):
             h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state
             # shifted models predict token i from position i - 1
             h = h[:, -logits_to_keep - 1:-1] if self.logits_shifted else h[:, -logits_to_keep:]
-            return PolicyOutput(token_logps=_scored_logprobs(head, h, score_targets))
+            if entropy_temperature is None:
+                return PolicyOutput(token_logps=_scored_logprobs(head, h, score_targets))
+            logp, ent, correct = _scored_logprobs(head, h, score_targets, entropy_temperature=entropy_temperature)
+            return PolicyOutput(token_logps=logp, token_entropy=ent, token_correct=correct)
         if split is not None:
             trunk, head = split
             h = trunk(input_ids, attention_mask=attention_mask, **kw).last_hidden_state
@@ -258,18 +268,34 @@ def _chunk_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor) -> 
     return torch.log_softmax(head(h).float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)
 
 
-def _scored_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
+def _chunk_scores(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``[chunk, 3]``: log p(target), entropy of softmax(logits / temperature), argmax == target."""
+    logits = head(h).float()
+    logp = torch.log_softmax(logits, dim=-1)
+    logp_t = torch.log_softmax(logits / temperature, dim=-1)
+    entropy = -(logp_t.exp() * logp_t).sum(-1)
+    correct = (logits.detach().argmax(-1) == targets).float()
+    return torch.stack([logp.gather(-1, targets[:, None]).squeeze(-1), entropy, correct], dim=-1)
+
+
+def _scored_logprobs(head: nn.Module, h: torch.Tensor, targets: torch.Tensor, chunk_size: int = 256, *,
+                     entropy_temperature: float | None = None):
     """``log softmax(head(h))[target]`` at positions with ``targets >= 0`` (0 elsewhere), float32
     ``[B, n]``. Chunks of ``chunk_size`` positions; each chunk is activation-checkpointed, so its
-    logits live only while that chunk is computed (forward) or recomputed (backward)."""
+    logits live only while that chunk is computed (forward) or recomputed (backward). With
+    ``entropy_temperature``: ``(log-probs, entropies, correct)``, each ``[B, n]``, from the same chunks."""
     sel = targets >= 0
     hs, ts = h[sel], targets[sel]
-    parts = [checkpoint(_chunk_logprobs, head, hs[i:i + chunk_size], ts[i:i + chunk_size], use_reentrant=False)
+    if entropy_temperature is None:
+        fn, cols = _chunk_logprobs, ()
+    else:
+        fn, cols = (lambda hd, x, t: _chunk_scores(hd, x, t, entropy_temperature)), (3,)
+    parts = [checkpoint(fn, head, hs[i:i + chunk_size], ts[i:i + chunk_size], use_reentrant=False)
              for i in range(0, hs.shape[0], chunk_size)]
-    out = torch.zeros(targets.shape, dtype=torch.float32, device=h.device)
+    out = torch.zeros((*targets.shape, *cols), dtype=torch.float32, device=h.device)
     if parts:
         out = out.index_put((sel,), torch.cat(parts))
-    return out
+    return out if entropy_temperature is None else out.unbind(-1)
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

@@ -47,7 +47,7 @@ def test_top_level_overrides_reach_every_stage():
 BAD_OVERRIDES = [
     ("rl.lr=abc", "rl.lr=abc"),
     ("trainer.lr=abc", "did you mean sft.lr or rl.lr"),
-    ("recipe=nope", "recipe is one of: dpo, eval, grpo, sft, sft_then_grpo, unmask_order"),
+    ("recipe=nope", "recipe is one of: distill, dpo, eval, grpo, sft, sft_grpo_distill, sft_then_grpo, unmask_order"),
     ("sft.max_stepz=3", "sft.max_stepz: unknown key; did you mean sft.max_steps"),
     ("seed=x", "could not be converted to Integer"),
     ("+rl.bogus=1", "rl.bogus: unknown key"),

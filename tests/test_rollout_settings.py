@@ -19,7 +19,7 @@ ROLLOUT_STAGES = [p for p in sorted((CONFIG_DIR / "trainer").glob("*.yaml"))
 
 
 def test_the_trainers_with_rollouts_are_found():
-    assert {p.stem for p in ROLLOUT_STAGES} == {"diffu_grpo", "diffu_grpo_d1", "unmask_order"}
+    assert {p.stem for p in ROLLOUT_STAGES} == {"diffu_grpo", "diffu_grpo_d1", "self_distill", "unmask_order"}
 
 
 @pytest.mark.parametrize("path", ROLLOUT_STAGES, ids=lambda p: p.stem)
@@ -83,8 +83,8 @@ def test_nothing_is_reported_when_nothing_is_shadowed(overrides):
 
 def test_group_option_and_experiment_are_reported_per_key():
     notes: list[str] = []
-    load_config(["rollout=fast"], notes=notes)
-    assert "rollout=fast does not reach rl.rollout.threshold" in notes[0]
+    load_config(["rollout=d1_fast"], notes=notes)
+    assert "rollout=d1_fast does not reach rl.rollout.threshold" in notes[0]
     notes = []
     load_config(["experiment=llada_gsm8k", "model.path=/nonexistent", "rollout.temperature=0.5"], notes=notes)
     assert "does not reach rl.rollout.temperature (its trainer sets 0.9" in notes[0]

@@ -79,3 +79,12 @@ def test_two_ranks_with_shards_of_5_and_4_finish_under_zero3_and_vllm_tensor_par
     for backend in backends.split(","):
         assert r0[backend]["calls"] == r1[backend]["calls"] == 2
         assert r0[backend] == r1[backend] and r0[backend]["num_examples"] == 9
+    # distill data: 18 samples as shards of 9 (3 calls of 4 each), the same gathered list on both
+    # ranks, every kept completion solved ('7' in it), no duplicate, in prompt order
+    d0, d1 = r0["distill"], r1["distill"]
+    assert d0["calls"] == d1["calls"] == 3 and d0["kept"] == d1["kept"] and d0["stats"] == d1["stats"]
+    kept = d0["kept"]
+    assert d0["stats"]["samples"] == 18 and d0["stats"]["kept"] == len(kept)
+    assert all("7" in k["response"] for k in kept) and len({(k["prompt"], k["response"]) for k in kept}) == len(kept)
+    order = [int(k["prompt"][0]) for k in kept]
+    assert order == sorted(order)

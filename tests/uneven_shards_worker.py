@@ -4,7 +4,8 @@ in batches of 4, so rank 0's shard has 5 rows (2 batches) and rank 1's 4 (1 batc
 engine of a tiny LLaDA-architecture model, with the torch backend (each generation call gathers
 the ZeRO-3 shards: a collective) and with the vLLM backend at tensor parallel 2 (each call
 exchanges the group's batch: collectives). Before the fix rank 0 waited forever in its second
-call. Writes ``OUT/rank<r>.json`` with both results and the rank's number of calls."""
+call. Then the distill stage's data step on the same rows (:func:`rl.distill.self_distill_rows`).
+Writes ``OUT/rank<r>.json`` with the results and the rank's number of calls."""
 
 from __future__ import annotations
 
@@ -69,6 +70,15 @@ def main() -> int:
         result[backend] = {"calls": calls["n"], "num_examples": metrics["eval/num_examples"],
                            "accuracy": metrics["eval/accuracy"], "reward": metrics["eval/reward"]}
         D.barrier()
+    # the distill stage's data (rl/distill.py): each rank decodes its shard (2 samples per row), the
+    # solved completions are gathered, so every rank trains on the same list
+    from rl.distill import self_distill_rows
+
+    calls["n"] = 0
+    with build_rollout_engine(base, engine) as rollouts:
+        kept, stats = self_distill_rows(rollouts, CountingTask(), rows, base, samples_per_prompt=2, batch_size=4,
+                                        generator=torch.Generator().manual_seed(rank))
+    result["distill"] = {"kept": kept, "stats": stats, "calls": calls["n"]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(result))
     return 0
