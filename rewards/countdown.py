@@ -118,6 +118,9 @@ def countdown_reward(prompts: list[str], completions: list[str], **columns) -> l
             for c, n, t in zip(completions, columns["nums"], columns["target"])]
 
 
+STALL_DRAWS = 50_000  # draws in a row without a new problem before make_countdown_dataset gives up
+
+
 def make_countdown_dataset(n: int, seed: int, num_count: int = 3, max_num: int = 20, *, min_num: int = 1,
                            max_target: int = 100) -> list[dict]:
     """`n` distinct Countdown problems ``{"nums": [...], "target": int}``, solvable by construction:
@@ -127,11 +130,16 @@ def make_countdown_dataset(n: int, seed: int, num_count: int = 3, max_num: int =
         raise ValueError(f"need num_count >= 2 and 1 <= min_num <= max_num, got {num_count}, {min_num}, {max_num}")
     rng = random.Random(seed)
     rows, seen = [], set()
-    attempts = 0
+    attempts = since_new = 0
     while len(rows) < n:
         attempts += 1
-        if attempts > 1000 * n + 10_000:
-            raise RuntimeError(f"could not generate {n} distinct countdown problems with these settings")
+        since_new += 1
+        # the settings allow only so many distinct problems (3 of 1-20, target <= 100: about 16,300);
+        # past them no draw is new: stop instead of drawing up to 1000 n times (the longest run of
+        # old draws while 16,000 were made was 4,393)
+        if attempts > 1000 * n + 10_000 or since_new > STALL_DRAWS:
+            raise RuntimeError(f"could not generate {n} distinct countdown problems with these settings "
+                               f"({len(rows)} made, none new in the last {since_new} draws)")
         nums = [rng.randint(min_num, max_num) for _ in range(num_count)]
         terms = [(Fraction(v), str(v)) for v in nums]
         while len(terms) > 1:
@@ -149,5 +157,6 @@ def make_countdown_dataset(n: int, seed: int, num_count: int = 3, max_num: int =
         if key in seen:
             continue
         seen.add(key)
+        since_new = 0
         rows.append({"nums": nums, "target": int(value), "solution": expr[1:-1] if expr.startswith("(") else expr})
     return rows

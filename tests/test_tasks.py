@@ -84,6 +84,39 @@ def test_countdown_procedural_task_builds():
     assert task.correct(rows, [r["response"] for r in rows]) == [True] * 4
 
 
+def test_countdown_generator_stops_when_the_settings_run_out_of_distinct_problems():
+    """3 numbers of 1-4 allow a few hundred distinct problems: asking for 1000 fails in a few
+    seconds (no new draw for STALL_DRAWS draws), not after 1000 x n draws."""
+    from rewards.countdown import make_countdown_dataset
+
+    with pytest.raises(RuntimeError, match=r"could not generate 1000 distinct countdown problems .*\d+ made, none new"):
+        make_countdown_dataset(1000, 0, max_num=4)
+
+
+def test_procedural_splits_fall_back_to_the_need_when_twice_it_does_not_exist():
+    """``disjoint_procedural`` asks the generator for twice the rows it needs; when that many distinct
+    instances do not exist it asks for the need (sizes that fit keep their splits), and when even that
+    fails it says so in one line."""
+    from types import SimpleNamespace
+
+    from rl.tasks.procedural import disjoint_procedural
+
+    def make(space):
+        def gen(n, seed):
+            if n > space:
+                raise RuntimeError("too many")
+            return [{"k": f"{seed}-{i}"} for i in range(n)]
+        return gen
+
+    cfg = SimpleNamespace(name="toy", split_seed=0)
+    sizes = {"test": 100, "val": 50, "sft": 100, "rl": 150}
+    out = disjoint_procedural(make(450), lambda r: r["k"], cfg, sizes)  # 800 asked first: too many
+    assert {s: len(r) for s, r in out.items()} == sizes and out["test"][0]["k"] == "0-0"
+    assert disjoint_procedural(make(10_000), lambda r: r["k"], cfg, sizes)["test"] == out["test"]
+    with pytest.raises(DataError, match="task toy: fewer than 400 distinct instances exist"):
+        disjoint_procedural(make(300), lambda r: r["k"], cfg, sizes)
+
+
 def test_gsm8k_reads_the_local_copy_named_by_DLLM_RL_DATA(shared_data, monkeypatch):
     monkeypatch.setenv("DLLM_RL_DATA", str(shared_data))
     task = build_task(real("gsm8k", num_val=32))  # task.path unset: $DLLM_RL_DATA/gsm8k

@@ -22,7 +22,14 @@ def disjoint_procedural(make: Callable[[int, int], list[dict]], key: Callable[[d
     pool: list[dict] = []
     batch, attempt = max(need * 2, 256), 0
     while len(pool) < need:
-        fresh = make(batch, cfg.split_seed + 7919 * attempt)
+        try:
+            fresh = make(batch, cfg.split_seed + 7919 * attempt)
+        except RuntimeError:  # the generator has fewer distinct instances than `batch`
+            if batch <= need:
+                raise DataError(f"task {cfg.name}: fewer than {need} distinct instances exist "
+                                f"({', '.join(f'num_{s}={n}' for s, n in sizes.items())})") from None
+            batch = need  # asking for twice the need is what failed; the splits of sizes that fit are unchanged
+            continue
         for row in fresh:
             k = key(row)
             if k not in seen:
