@@ -96,17 +96,16 @@ def json_safe(obj):
 def print_outputs(run_dir: Path, summary: dict) -> None:
     """The closing lines: accuracies and where each output is."""
     lines = ["", f"[dllm-rl] done in {summary.get('wall_time_s', 0):.0f}s. Outputs in {run_dir}/:"]
-    for stage in ("sft", "rl", "distill"):
-        if stage in summary and "eval/accuracy" in summary[stage]:
-            s = summary[stage]
-            lines.append(f"  {stage:>3}: test eval/accuracy {100 * s['eval/accuracy']:.1f}% "
-                         f"(mean reward {s.get('eval/reward', float('nan')):.3f}) checkpoint {s['checkpoint']}")
-            if "eval/accuracy_low_confidence_order" in s:
-                lines.append(f"       low-confidence order at the same steps: "
-                             f"{100 * s['eval/accuracy_low_confidence_order']:.1f}%")
+    stages = [k for k, v in summary.items() if isinstance(v, dict) and "eval/accuracy" in v]  # in run order
+    for stage in stages:
+        s = summary[stage]
+        lines.append(f"  {stage:>3}: test eval/accuracy {100 * s['eval/accuracy']:.1f}% "
+                     f"(mean reward {s.get('eval/reward', float('nan')):.3f}) checkpoint {s['checkpoint']}")
+        if "eval/accuracy_low_confidence_order" in s:
+            lines.append(f"       low-confidence order at the same steps: "
+                         f"{100 * s['eval/accuracy_low_confidence_order']:.1f}%")
     if "lift" in summary:
-        last = "distill" if "distill" in summary else "rl"
-        lines.append(f"  lift ({last} - sft): {100 * summary['lift']:+.1f} points")
+        lines.append(f"  lift ({stages[-1]} - sft): {100 * summary['lift']:+.1f} points")
     for name, what in (("summary.json", "accuracies"), ("metrics.jsonl", "all metrics, every stage"),
                        ("reward_curve.png", "reward and accuracy curves"), ("final", "final HF checkpoint")):
         if (run_dir / name).exists():

@@ -28,16 +28,29 @@ def masked_token_logprobs(model, input_ids: torch.Tensor, masked: torch.Tensor, 
     size; :meth:`rollout.PolicyAdapter.forward`), else full logits and chunked log-probs
     (:func:`rl.logprobs.token_logprobs`)."""
     noisy = apply_mask(input_ids, masked, mask_id)
-    inner = unwrap_model(model)
-    if isinstance(inner, PolicyAdapter) and inner.fused_scoring:
-        # a shifted model (Dream) predicts position i from position i - 1: position 0 has no
-        # prediction and is never a response token (every example starts with its prompt)
-        keep = input_ids.shape[1] - int(bool(inner.logits_shifted))
-        targets = input_ids[:, -keep:].masked_fill(~masked[:, -keep:], -1)
-        logp = model(noisy, attention_mask=attention_mask, logits_to_keep=keep, score_targets=targets).token_logps
-        return torch.nn.functional.pad(logp, (input_ids.shape[1] - keep, 0))
+    fused = _fused_scores(model, noisy, input_ids, masked, attention_mask)
+    if fused is not None:
+        return fused[0]
     logits = model(noisy, attention_mask=attention_mask).logits
     return token_logprobs(logits, input_ids, masked)  # chunked; no full-vocab float32 log-softmax
+
+
+def _fused_scores(model, noisy: torch.Tensor, input_ids: torch.Tensor, masked: torch.Tensor,
+                  attention_mask: torch.Tensor | None, entropy_temperature: float | None = None):
+    """The adapter's fused scoring of ``masked`` positions as ``[B, T]`` tensors (log-probs; with
+    ``entropy_temperature`` also entropies and argmax-correct), or None when the model has none."""
+    inner = unwrap_model(model)
+    if not (isinstance(inner, PolicyAdapter) and inner.fused_scoring):
+        return None
+    # a shifted model (Dream) predicts position i from position i - 1: position 0 has no
+    # prediction and is never a response token (every example starts with its prompt)
+    keep = input_ids.shape[1] - int(bool(inner.logits_shifted))
+    targets = input_ids[:, -keep:].masked_fill(~masked[:, -keep:], -1)
+    out = model(noisy, attention_mask=attention_mask, logits_to_keep=keep, score_targets=targets,
+                **({} if entropy_temperature is None else {"entropy_temperature": entropy_temperature}))
+    parts = (out.token_logps,) if entropy_temperature is None else (out.token_logps, out.token_entropy,
+                                                                     out.token_correct)
+    return tuple(torch.nn.functional.pad(t, (input_ids.shape[1] - keep, 0)) for t in parts)
 
 
 def masked_token_scores(model, input_ids: torch.Tensor, masked: torch.Tensor, mask_id: int,
@@ -47,14 +60,9 @@ def masked_token_scores(model, input_ids: torch.Tensor, masked: torch.Tensor, ma
     ``masked`` positions (0 elsewhere), each float32 ``[B, T]``; the third carries no gradient.
     Fused scoring when the adapter has it (the head on masked positions only), else full logits."""
     noisy = apply_mask(input_ids, masked, mask_id)
-    inner = unwrap_model(model)
-    if isinstance(inner, PolicyAdapter) and inner.fused_scoring:
-        keep = input_ids.shape[1] - int(bool(inner.logits_shifted))
-        targets = input_ids[:, -keep:].masked_fill(~masked[:, -keep:], -1)
-        out = model(noisy, attention_mask=attention_mask, logits_to_keep=keep, score_targets=targets,
-                    entropy_temperature=temperature)
-        pad = (input_ids.shape[1] - keep, 0)
-        return tuple(torch.nn.functional.pad(t, pad) for t in (out.token_logps, out.token_entropy, out.token_correct))
+    fused = _fused_scores(model, noisy, input_ids, masked, attention_mask, temperature)
+    if fused is not None:
+        return fused
     logits = model(noisy, attention_mask=attention_mask).logits
     sel = masked.nonzero(as_tuple=True)
     z = logits[sel].float()
