@@ -264,16 +264,24 @@ def run_distill(cfg: RunConfig, task: Task, run_dir: Path, init: Path | None = N
     rows, stats = self_distill_rows(rollouts, task, prompts, dcfg.rollout, samples_per_prompt=dcfg.samples_per_prompt,
                                     batch_size=cfg.recipe.eval_batch_size, generator=generator)
     stats["seconds"] = time.perf_counter() - t0
-    need = dcfg.per_device_batch_size * _world_size()
-    if len(rows) < need:
-        rollouts.close()
-        raise DataError(f"distill: the policy solved {len(rows)} of {stats['samples']} decoded RL prompts, fewer than "
-                        f"one global batch ({need}); lower distill.per_device_batch_size, raise distill.num_prompts, "
-                        f"or train the policy further first")
     if _is_main():
         print(f"[dllm-rl] distill data: {stats['kept']} solved completions of {stats['samples']} "
               f"({100 * stats['solved']:.1f}% solved, {stats['forward_passes']:.1f} passes per call, "
               f"{stats['seconds']:.0f}s)", flush=True)
+    need = dcfg.per_device_batch_size * _world_size()
+    if len(rows) < need:  # nothing to distil: hand the policy on unchanged (every rank gathered the same rows)
+        rollouts.close()
+        del policy, rollouts
+        release_memory()
+        reason = (f"the policy solved {len(rows)} of {stats['samples']} decoded RL prompts, fewer than one global "
+                  f"batch ({need}); lower distill.per_device_batch_size, raise distill.num_prompts, or train the "
+                  f"policy further first")
+        if init is None:
+            raise DataError(f"distill: {reason}")
+        if _is_main():
+            print(f"[dllm-rl] distill skipped: {reason}; the stage hands on its input checkpoint {init}", flush=True)
+        return {"checkpoint": str(init), "skipped": reason, "train_wall_time_s": stats["seconds"], "data": stats,
+                **test_eval(cfg, task, init)}
     last, state, seconds = train_stage(cfg, task, stage_dir, policy,
                                        lambda policy, rollouts, val_fn: SFTTrainer(
                                            _stage_config(dcfg, stage_dir), policy, rows, eval_fn=val_fn,

@@ -1,5 +1,6 @@
 """Run the default recipe (``dllm-rl``) for several seeds, one after another, and print a markdown
-table of held-out accuracy before (SFT) and after (RL) and wall time per run.
+table of held-out accuracy before (SFT) and after the last stage (RL, or distill in
+``recipe=sft_grpo_distill``), each stage's training time and the wall time per run.
 
     .venv/bin/python scripts/default_seeds.py --seeds 0 1 2 [-- extra overrides]
     .venv/bin/python scripts/default_seeds.py --seeds 0 1 2 --table-only   # re-print from existing runs
@@ -15,6 +16,17 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cpu_model() -> str:
+    """The CPU the runs were timed on (``model name`` in /proc/cpuinfo), for the README table."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def main() -> int:
@@ -38,16 +50,20 @@ def main() -> int:
         elif (run_dir / "wall_time.json").exists():
             wall = json.loads((run_dir / "wall_time.json").read_text())["wall_time_s"]
         s = json.loads((run_dir / "summary.json").read_text())
-        rows.append((seed, s["sft"]["eval/accuracy"], s["rl"]["eval/accuracy"], s["sft"]["eval/reward"],
-                     s["rl"]["eval/reward"], s["sft"]["train_wall_time_s"], s["rl"]["train_wall_time_s"], wall))
-    print("\n| seed | SFT test acc | RL test acc | lift | SFT / RL cell acc | SFT time | RL time | total wall |")
-    print("|---|---|---|---|---|---|---|---|")
-    for seed, a0, a1, c0, c1, t_sft, t_rl, wall in rows:
+        last = "distill" if "distill" in s else "rl"
+        rows.append((seed, s["sft"]["eval/accuracy"], s[last]["eval/accuracy"],
+                     [s[k]["train_wall_time_s"] for k in ("sft", "rl", "distill") if k in s], s["wall_time_s"], wall))
+    stages = "SFT / RL / distill" if len(rows[0][3]) == 3 else "SFT / RL"
+    print(f"\n| seed | SFT test acc | final test acc | lift | {stages} train time | pipeline | total wall |")
+    print("|---|---|---|---|---|---|---|")
+    for seed, a0, a1, times, pipeline, wall in rows:
         total = f"{wall / 60:.1f} min" if wall else "n/a"
-        print(f"| {seed} | {100 * a0:.1f}% | {100 * a1:.1f}% | {100 * (a1 - a0):+.1f} | {100 * c0:.1f}% / {100 * c1:.1f}% "
-              f"| {t_sft:.0f} s | {t_rl:.0f} s | {total} |")
+        print(f"| {seed} | {100 * a0:.1f}% | {100 * a1:.1f}% | {100 * (a1 - a0):+.1f} | "
+              f"{' / '.join(f'{t:.0f} s' for t in times)} | {pipeline / 60:.1f} min | {total} |")
     lifts = [100 * (r[2] - r[1]) for r in rows]
-    print(f"\nmean lift {sum(lifts) / len(lifts):+.1f} points, min {min(lifts):+.1f} (n={len(rows)})")
+    pipes = [r[4] / 60 for r in rows]
+    print(f"\nmean lift {sum(lifts) / len(lifts):+.1f} points, min {min(lifts):+.1f}; "
+          f"pipeline max {max(pipes):.1f} min (n={len(rows)}); CPU: {_cpu_model()}")
     return 0
 
 

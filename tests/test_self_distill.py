@@ -4,6 +4,7 @@ certainty-forcing term against dParallel's formula, the verifier filter on real 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -174,13 +175,29 @@ def test_the_speed_aware_recipe_runs_sft_grpo_then_distill(tmp_path, monkeypatch
     assert set(merged) == {"sft", "rl", "distill"}
 
 
-def test_a_policy_that_solves_too_little_stops_with_one_line(tmp_path, capsys):
-    """A 4-step SFT solves no puzzle: the distill stage has no data and says so (exit status 2)."""
+def test_a_policy_that_solves_too_little_hands_on_its_checkpoint(tmp_path, capsys):
+    """A 4-step SFT solves no puzzle: in a pipeline the distill stage has no data, says so in one
+    line and hands the RL checkpoint on unchanged (summary: ``skipped``, the same test accuracy);
+    alone (``recipe=distill``) there is nothing to hand on: one data error (exit status 2)."""
     from recipes.__main__ import main
     from test_recipes import SMALL
 
-    assert main(["recipe=sft_grpo_distill", *SMALL, f"run_dir={tmp_path / 'run'}", "distill.num_prompts=8", "distill.per_device_batch_size=4",
-                 "logger.wandb.mode=disabled", "recipe.plot=false"]) == 2
+    run = tmp_path / "run"
+    assert main(["recipe=sft_grpo_distill", *SMALL, f"run_dir={run}", "distill.num_prompts=8",
+                 "distill.per_device_batch_size=4", "logger.wandb.mode=disabled", "recipe.plot=false"]) == 0
+    out = capsys.readouterr().out
+    assert "[dllm-rl] distill skipped: the policy solved 0 of 8 decoded RL prompts" in out
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["distill"]["skipped"].startswith("the policy solved 0 of 8")
+    assert Path(summary["distill"]["checkpoint"]) == Path(summary["rl"]["checkpoint"])
+    assert summary["distill"]["eval/accuracy"] == summary["rl"]["eval/accuracy"]
+    assert summary["lift"] == summary["rl"]["eval/accuracy"] - summary["sft"]["eval/accuracy"]
+    assert (run / "final").resolve() == Path(summary["rl"]["checkpoint"]).resolve()
+    assert not (run / "distill").exists()
+
+    assert main(["recipe=distill", "model.path=" + summary["sft"]["checkpoint"], *SMALL, f"run_dir={tmp_path / 'alone'}",
+                 "distill.num_prompts=8", "distill.per_device_batch_size=4", "logger.wandb.mode=disabled",
+                 "recipe.plot=false"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("dllm-rl: data error: distill: the policy solved 0 of 8 decoded RL prompts")
 
