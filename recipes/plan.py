@@ -12,16 +12,19 @@ always can), else from the config's bounds (``sft.max_length``, ``rl.max_prompt_
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from recipes.schema import ConfigError, DiffuGRPOConfig, DPOConfig, RECIPES, RunConfig, SFTConfig
-from rl.memory import (CUDA_RESERVE, GIB, StagePlan, deepspeed_buffers, generation, largest_fitting, model_shape,
-                       model_states, optimizer_step, reference_weights, train_activations)
+from rl.memory import (CUDA_RESERVE, GIB, StagePlan, block_generation, deepspeed_buffers, generation, largest_fitting,
+                       model_shape, model_states, optimizer_step, reference_weights, train_activations)
 
 # Published config.json values of the hub checkpoints the model group names (what `plan` needs when
-# the checkpoint is not on disk): GSAI-ML/LLaDA-8B-Instruct and Dream-org/Dream-v0-Instruct-7B.
+# the checkpoint is not on disk): GSAI-ML/LLaDA-8B-Instruct, Dream-org/Dream-v0-Instruct-7B, and the 8B
+# block-diffusion models, which keep Qwen3-8B's architecture (SDAR is continued from Qwen3-8B-Base;
+# TraDo-8B from SDAR-8B-Chat): Qwen3-8B's config.json values, blocks of 4.
 KNOWN_CONFIGS: dict[str, dict] = {
     "GSAI-ML/LLaDA-8B-Instruct": dict(
         model_type="llada", d_model=4096, n_heads=32, n_kv_heads=32, n_layers=32, mlp_hidden_size=12288,
@@ -33,6 +36,11 @@ KNOWN_CONFIGS: dict[str, dict] = {
         model_type="Dream", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
         num_key_value_heads=4, vocab_size=152064, max_position_embeddings=131072, rms_norm_eps=1e-6,
         rope_theta=1000000.0, tie_word_embeddings=False, mask_token_id=151666),
+    **{name: dict(
+        model_type="sdar", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960, rms_norm_eps=1e-6,
+        rope_theta=1000000.0, tie_word_embeddings=False, block_length=4, mask_token_id=151669)
+       for name in ("JetLM/SDAR-8B-Chat", "Gen-Verse/TraDo-8B-Instruct")},
 }
 PLANNED = (SFTConfig, DiffuGRPOConfig, DPOConfig)  # the stages plan_stage covers (not the order learner)
 DEFAULT_GPU_GIB = 80.0  # `dllm-rl plan` on a machine without a GPU
@@ -116,11 +124,16 @@ def plan_stage(cfg: RunConfig, key: str, model: torch.nn.Module, *, world_size: 
     if getattr(stage, "beta", 0) > 0 and isinstance(stage, DiffuGRPOConfig) and not stage.lora.enabled:
         reference_weights(plan, shape, world_size=world_size, zero_stage=zstage, weight_bytes=compute)
     gen = cfg.rollout.gen_length
+    # a block-diffusion model (SDAR / TraDo) trains on [x_0, x_t]: the clean sequence and a noisy copy of
+    # the completion (rl/block_diffusion.py), and samples block by block against a cache
+    block = getattr(model, "block_length", None) if getattr(model, "block_causal", False) else None
     if isinstance(stage, SFTConfig):
         rows_per_step = stage.per_device_batch_size
         seq = stage.max_length if stage.example_format == "d1" else min(lengths.get("sft", stage.max_length),
                                                                          stage.max_length)
         rows, scored = micro_batch or stage.micro_batch_size or rows_per_step, seq
+        if block:  # the noisy copy of the response: at most the whole sequence again
+            seq, scored = 2 * seq, seq
     elif isinstance(stage, DiffuGRPOConfig):
         gen = stage.rollout.gen_length
         rows_per_step = stage.per_device_prompts * stage.num_generations
@@ -129,10 +142,19 @@ def plan_stage(cfg: RunConfig, key: str, model: torch.nn.Module, *, world_size: 
         seq, scored = prompt + gen, gen
         from rl.estimators import get_estimator
 
-        passes = get_estimator(stage.estimator, **dict(stage.estimator_options)).passes_per_draw(stage.rollout.steps)
+        estimator = get_estimator(stage.estimator, **dict(stage.estimator_options))
+        if block:
+            from rl.block_diffusion import block_form
+
+            estimator = block_form(estimator, block)
+            seq = prompt + 2 * gen
+        passes = estimator.passes_per_draw(stage.rollout.steps)
         rows = (micro_batch or stage.micro_batch_size or rows_per_step) * passes
-        if cfg.rollout.backend == "torch":
-            ro = stage.rollout
+        ro = stage.rollout
+        if cfg.rollout.backend == "torch" and block:
+            block_generation(plan, shape, rows=rows_per_step, seq_len=prompt + gen, block_length=ro.block_length,
+                             compute_bytes=compute, phase="rollout", label="rollout", sampled=ro.temperature > 0)
+        elif cfg.rollout.backend == "torch":
             generation(plan, shape, rows=rows_per_step, seq_len=seq,
                        window=gen if ro.early_commit is not None else ro.block_length, compute_bytes=compute,
                        phase="rollout", label="rollout", sampled=ro.temperature > 0)
@@ -158,8 +180,10 @@ def plan_stage(cfg: RunConfig, key: str, model: torch.nn.Module, *, world_size: 
             plan.add("rollout engine (vLLM)", share, "resident", note)
     else:  # every stage validates (at its end at least) through the stage's engine
         val_seq = (lengths.get("val_prompt") or lengths.get("rl_prompt") or ASSUMED_PROMPT) + cfg.rollout.gen_length
-        generation(plan, shape, rows=cfg.recipe.eval_batch_size, seq_len=val_seq, window=cfg.rollout.block_length,
-                   compute_bytes=compute, phase="validation", label="validation", sampled=cfg.rollout.temperature > 0)
+        (partial(block_generation, block_length=cfg.rollout.block_length) if block else
+         partial(generation, window=cfg.rollout.block_length))(
+            plan, shape, rows=cfg.recipe.eval_batch_size, seq_len=val_seq, compute_bytes=compute, phase="validation",
+            label="validation", sampled=cfg.rollout.temperature > 0)
     plan.rows_per_step, plan.micro_batch, plan.seq_len = rows_per_step, rows, seq
     plan.trainable, plan.shape = trainable, shape
     return plan

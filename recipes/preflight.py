@@ -119,17 +119,46 @@ def check_lengths(cfg: RunConfig, task: Task, uses: list[tuple], *, path: str | 
 
 
 def check_rollout_engine(cfg: RunConfig, world_size: int) -> None:
-    """The vLLM engines fit the launch: ``tensor_parallel_size`` divides the world size, sleep mode
-    exists on this platform (one ConfigError line each)."""
+    """The vLLM engines fit the launch: the model is not a block-diffusion one, ``tensor_parallel_size``
+    divides the world size, sleep mode exists on this platform (one ConfigError line each)."""
     if cfg.rollout.backend != "vllm":
         return
-    from rollout.vllm_backend.engine import check_sleep, check_world
+    from rollout.models import read_config_dict
+    from rollout.vllm_backend.engine import check_not_block_causal, check_sleep, check_world
 
     try:
+        if cfg.model.path is not None:
+            try:
+                model_type = read_config_dict(str(cfg.model.path)).get("model_type")
+            except (OSError, ValueError):  # not readable here: building the policy reports why
+                model_type = None
+            check_not_block_causal(model_type)
         check_world(cfg.rollout.vllm, world_size)
         check_sleep(cfg.rollout.vllm)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_block_model(cfg: RunConfig) -> None:
+    """A block-diffusion model (SDAR / TraDo) trains every SFT-type stage with the block-diffusion loss,
+    which has no certainty-forcing term: a stage asking for it (the default recipe's distill stage)
+    stops the run here, before the first stage, not when that stage starts (one ConfigError line)."""
+    if cfg.model.path is None:
+        return
+    from rollout.models import is_block_causal
+
+    try:
+        block = is_block_causal(str(cfg.model.path))
+    except (OSError, ValueError):  # not readable here: building the policy reports why
+        return
+    if not block:
+        return
+    for key, _ in RECIPES[cfg.recipe.name]:
+        stage = getattr(cfg, key)
+        if isinstance(stage, SFTConfig) and stage.certainty_weight > 0:
+            hint = " (or recipe=sft_then_grpo)" if isinstance(stage, SelfDistillConfig) else ""
+            raise ConfigError(f"{key}.certainty_weight={stage.certainty_weight}: {cfg.model.path} is a block-diffusion "
+                              f"model, whose SFT loss has no certainty-forcing term; set {key}.certainty_weight=0{hint}")
 
 
 def check_code_columns(task: Task, splits: tuple[str, ...]) -> None:
@@ -150,6 +179,7 @@ def check_training(cfg: RunConfig, task: Task, world_size: int = 1, sft_task: Ta
     """Everything a training recipe needs from its task(s) before the first stage starts; returns
     the token lengths measured (:func:`check_lengths`)."""
     check_rollout_engine(cfg, world_size)
+    check_block_model(cfg)
     check_splits(cfg, task, world_size, sft_task)
     check_code_columns(task, ("rl", "val", "test"))
     uses = [("val", task.rows("val"), cfg.rollout.gen_length), ("test", task.rows("test"), cfg.rollout.gen_length)]

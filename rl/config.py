@@ -288,11 +288,27 @@ class SFTConfig(TrainerConfig):
     # of softmax(logits / temperature) at masked positions already predicted right; 0 = plain SFT
     certainty_weight: float = 0.0
     certainty_temperature: float = 0.5
+    # block-diffusion policies (SDAR / TraDo; rl/block_diffusion.py, docs/block_diffusion.md): every block
+    # predicted from the clean blocks before it, each response token masked with p ~ U(lower, upper)
+    # (dLLM-RL's sft_sdar noise); unused for bidirectional models (they take eps above)
+    block_lower_p: float = 0.1
+    block_upper_p: float = 0.9
+    block_weighting: str = "none"  # "none" (dLLM-RL) | "inverse_p": the ELBO's 1/p weight per masked token
+    block_normalize: str = "tokens"  # per row: / its response tokens | "width": / the batch's response width (dLLM-RL)
+    block_align: str = "absolute"  # blocks at multiples of the block length in position (the model's own) | "response"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_range("per_device_batch_size", self.per_device_batch_size, low=1)
         check_range("eps", self.eps, low=0, high=1, low_open=True, high_open=True)
+        check_range("block_lower_p", self.block_lower_p, low=0, high=1)
+        check_range("block_upper_p", self.block_upper_p, low=self.block_lower_p, high=1)
+        check_choice("block_weighting", self.block_weighting, ("none", "inverse_p"))
+        check_choice("block_normalize", self.block_normalize, ("tokens", "width"))
+        check_choice("block_align", self.block_align, ("absolute", "response"))
+        if self.block_weighting == "inverse_p" and self.block_lower_p <= 0:
+            raise ConfigError(f"block_lower_p={self.block_lower_p}: must be > 0 with block_weighting=inverse_p "
+                              "(it divides by p)")
         check_range("max_length", self.max_length, low=2)
         check_range("pad_response_to", self.pad_response_to, low=0)
         from rl.sft_format import SFT_FORMATS

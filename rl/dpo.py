@@ -216,6 +216,10 @@ class DiffusionDPOTrainer(Trainer):
         check_columns(train_dataset, PREFERENCE_COLUMNS, "DPO train data")
         # (DPOConfig checked the estimator, its options and optimal_allocation)
         self.estimator = get_estimator(config.estimator, n_samples=config.n_samples, **dict(config.estimator_options))
+        if getattr(policy, "block_causal", False):  # SDAR / TraDo: the ELBO's block-causal form (block_mc_elbo)
+            from rl.block_diffusion import block_form
+
+            self.estimator = block_form(self.estimator, policy.model_block_length)
         super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn, rollouts=rollouts)
         self.mask_id = policy.mask_token_id
 

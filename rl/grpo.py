@@ -12,6 +12,11 @@ Rewards are called as TRL's GRPOTrainer calls them (keywords: prompts, completio
 completion_ids, the dataset's columns, trainer_state); pass ``reward_funcs`` (callables or
 registered names) with ``config.reward_weights`` as in TRL, or name them in ``config.rewards``.
 
+Block-diffusion policies (SDAR, TraDo: ``policy.block_causal``): the estimator is replaced by its
+block-causal form (:func:`rl.block_diffusion.block_estimator`: ``mean_field`` -> ``block_mean_field``,
+``tracerl`` -> ``block_tracerl``, ...), which predicts each block from the clean blocks before it;
+the objectives are unchanged (docs/block_diffusion.md).
+
 Loss normalisation (d1 Eq. 3's 1/|o_i| token mean; ``loss_type=dapo``, diffu-GRPO's default):
 token-level terms are summed over every valid completion token of the step's whole batch, all
 ranks together, and divided by that batch's token count (sequence-level estimators: the mean over
@@ -31,7 +36,8 @@ from rewards import compose, compose_funcs, reward_inputs
 from rl import distributed as D
 from rl.advantages import ADVANTAGES, group_advantages  # noqa: F401  (group_advantages: re-exported)
 from rl.aggregation import LOSS_TYPES, BatchCounts, per_token
-from rl.config import DiffuGRPOConfig
+from rl.block_diffusion import block_form
+from rl.config import ConfigError, DiffuGRPOConfig
 from rl.data import check_columns, encode_prompt, left_pad, prompt_text
 from rl.estimators import MaskSample, get_estimator
 from rl.objectives import PolicyLossInputs, clipped_surrogate, get_objective, k3_kl  # noqa: F401  (re-exported)
@@ -57,12 +63,21 @@ class DiffuGRPOTrainer(Trainer):
             raise ValueError("config.reward_weights weighs the trainer's reward_funcs; with config.rewards put the "
                              "weights in that dict")
         self.needs_reference = config.beta > 0  # no reference model at all when beta = 0
+        estimator = get_estimator(config.estimator, **dict(config.estimator_options))
+        if getattr(policy, "block_causal", False):
+            # a block-diffusion policy (SDAR / TraDo): the estimator's block-causal form, each block
+            # predicted from the clean blocks before it (rl/block_diffusion.py; diffu_grpo: block_mean_field,
+            # tracerl: block_tracerl); checked before the engine is built
+            estimator = block_form(estimator, policy.model_block_length)
+            if config.rollout.block_length != policy.model_block_length:
+                raise ConfigError(f"rollout.block_length={config.rollout.block_length}: a block-diffusion policy is "
+                                  f"decoded and scored with its own blocks; set it to {policy.model_block_length}")
         super().__init__(config, policy, train_dataset, tokenizer=tokenizer, eval_fn=eval_fn, rollouts=rollouts)
         if reward_funcs is not None:
             reward_fn = compose_funcs(reward_funcs, config.reward_weights, timeout_s=config.reward_timeout_s)
         self.reward_fn = reward_fn or compose(dict(config.rewards), timeout_s=config.reward_timeout_s)
         self.objective = get_objective(config.objective, **dict(config.objective_options))
-        self.estimator = get_estimator(config.estimator, **dict(config.estimator_options))
+        self.estimator = estimator
         self.advantage_fn = ADVANTAGES.lookup(config.advantage)
         self.aggregate = LOSS_TYPES.lookup(config.loss_type)
         self.mask_id = policy.mask_token_id

@@ -48,20 +48,26 @@ class KnownModel:
     logits_shifted: bool
 
 
-# model_type -> defaults. LLaDA: GSAI-ML/LLaDA-8B-Instruct; Dream: Dream-org/Dream-v0-Instruct-7B.
+# model_type -> defaults. LLaDA: GSAI-ML/LLaDA-8B-Instruct; Dream: Dream-org/Dream-v0-Instruct-7B;
+# SDAR / TraDo (JetLM/SDAR-*-Chat, Gen-Verse/TraDo-*): Qwen3's vocabulary with `<|MASK|>` = 151669
+# (not in their config.json), block-causal attention, unshifted logits.
 KNOWN_MODELS: dict[str, KnownModel] = {
     "llada": KnownModel(mask_token_id=126336, logits_shifted=False),
     "dream": KnownModel(mask_token_id=151666, logits_shifted=True),
+    "sdar": KnownModel(mask_token_id=151669, logits_shifted=False),
 }
 
 # Masked-LM classes whose logits are exactly ``lm_head(trunk(x).last_hidden_state)``: (trunk, head)
 # attribute names. Fused scoring needs this split.
 _HEAD_ON_TRUNK = {"EuroBertForMaskedLM": ("model", "lm_head"), "BertForMaskedLM": ("bert", "cls"),
-                  "LLaDAForMaskedLM": ("model", "lm_head"), "DreamForMaskedLM": ("model", "lm_head")}
+                  "LLaDAForMaskedLM": ("model", "lm_head"), "DreamForMaskedLM": ("model", "lm_head"),
+                  "SDARForMaskedLM": ("model", "lm_head")}
 # Classes verified with the sampler's block KV cache: forward appends to a transformers Cache given
 # as ``past_key_values``, takes ``position_ids`` and passes a prepared 4D mask through. BERT's
 # self-attention writes to a given Cache in encoder mode too since transformers 5 (4.x BertForMaskedLM
-# takes no ``past_key_values``); absolute position embeddings come from ``position_ids``.
+# takes no ``past_key_values``); absolute position embeddings come from ``position_ids``. Block-causal
+# models (SDAR) are not listed: they always decode with the exact cache of finished blocks
+# (rollout.block_sampler), never with this bidirectional approximation.
 _CACHE_CLASSES = ("EuroBertForMaskedLM", "LLaDAForMaskedLM", "DreamForMaskedLM") + (
     ("BertForMaskedLM",) if int(transformers.__version__.split(".")[0]) >= 5 else ())
 
@@ -103,7 +109,8 @@ class PolicyAdapter(nn.Module):
     """An HF masked-token predictor + its ids, with logits always aligned to their own position.
 
     Attributes: ``model``, ``tokenizer`` (may be None), ``mask_token_id``, ``eos_token_id``,
-    ``pad_token_id``, ``logits_shifted``, ``supports_kv_cache``; properties ``dtype``, ``device``.
+    ``pad_token_id``, ``logits_shifted``, ``supports_kv_cache``; properties ``dtype``, ``device``,
+    ``block_causal`` and ``model_block_length`` (block-diffusion models: how the sampler decodes).
     """
 
     def __init__(self, model: nn.Module, tokenizer=None, *, mask_token_id: int | None = None,
@@ -137,6 +144,18 @@ class PolicyAdapter(nn.Module):
     @property
     def config(self):
         return getattr(self.model, "config", None)
+
+    @property
+    def block_causal(self) -> bool:
+        """Whether the model attends block-causally (block diffusion: SDAR / TraDo). Such a model is
+        decoded block by block with the exact KV cache of finished blocks (:mod:`rollout.block_sampler`);
+        :class:`rollout.RolloutEngine` picks that decoder from this property."""
+        return bool(getattr(_base_model(self.model), "block_causal", False))
+
+    @property
+    def model_block_length(self) -> int | None:
+        """The block length of a block-causal model (``config.block_length``); None otherwise."""
+        return int(self.config.block_length) if self.block_causal else None
 
     @property
     def fused_scoring(self) -> bool:
@@ -202,7 +221,7 @@ class PolicyAdapter(nn.Module):
                         **model_kwargs) -> "PolicyAdapter":
         """Load model + tokenizer by hub name or local path.
 
-        A published LLaDA or Dream folder (``model_type`` ``llada`` / ``Dream``) loads into our
+        A published LLaDA, Dream or SDAR folder (``model_type`` ``llada`` / ``Dream`` / ``sdar``) loads into our
         implementation of its architecture (:mod:`rollout.models`; no remote code runs for the
         model, ``trust_remote_code`` then only concerns the tokenizer). Anything else: transformers'
         ``AutoModelForMaskedLM``, falling back to ``AutoModel``. Known families fill the mask id

@@ -11,10 +11,13 @@ Backends (``options.backend``):
 
 - ``torch``: :func:`rollout.sampler.generate` on the policy itself, in process. Under ZeRO-3 the
   whole model is gathered once per call (:func:`rollout.weights.gathered_for_generation`). Its
-  weights are the training weights, so ``update_weights`` has nothing to do.
+  weights are the training weights, so ``update_weights`` has nothing to do. A block-diffusion
+  policy (SDAR / TraDo) is decoded block by block with the exact cache of finished blocks
+  (:mod:`rollout.block_sampler`); the call and the ``Rollout`` are the same.
 - ``vllm``: the same denoising loop; every forward is one vLLM call on the batch
   (:mod:`rollout.vllm_backend`). The engine holds its own copy of the weights, refreshed by
-  ``update_weights`` tensor by tensor.
+  ``update_weights`` tensor by tensor; bidirectional models only (a block-diffusion model is
+  refused in one line, :func:`rollout.vllm_backend.engine.check_not_block_causal`).
 """
 
 from __future__ import annotations

@@ -81,3 +81,69 @@ def window_mask(full_mask: torch.Tensor | None, q_start: int, q_end: int, dtype:
         return None
     keep = full_mask[:, None, None, :].bool().expand(-1, 1, q_end - q_start, -1)
     return torch.zeros(keep.shape, dtype=dtype, device=full_mask.device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class ReadOnlyCache(Cache):
+    """A view of ``cache`` whose ``update`` attends to the stored keys/values plus the new ones
+    without storing them: SDAR's ``store_kv=False`` (block diffusion, Arriola et al. 2025; the
+    published ``SDARAttention``), where the finished blocks' keys are cached exactly and the
+    current block's denoising steps only read them. Shares ``cache``'s layers (nothing copied)."""
+
+    def __init__(self, cache: Cache):
+        super().__init__(layers=cache.layers)
+        self.cache = cache
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if layer.is_initialized and layer.keys is not None and layer.keys.numel():
+                return (torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2))
+        return key_states, value_states
+
+
+class _ColumnsLayer(DynamicLayer):
+    """One layer's keys/values in a buffer of ``capacity`` columns: ``update`` writes the input's
+    keys/values at ``[start, start + n)`` and returns columns ``[0, start + n)`` (no concatenation)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.start = capacity, 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.dtype, self.device = key_states.dtype, key_states.device
+            shape = (*key_states.shape[:-2], self.capacity, key_states.shape[-1])
+            self.keys = key_states.new_zeros(shape)
+            self.values = value_states.new_zeros((*shape[:-1], value_states.shape[-1]))
+            self.is_initialized = True
+        end = self.start + key_states.shape[-2]
+        self.keys[..., self.start:end, :] = key_states
+        self.values[..., self.start:end, :] = value_states
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def get_seq_length(self) -> int:
+        return self.start
+
+
+class FinishedBlocksCache(Cache):
+    """The exact cache of block diffusion (SDAR, Arriola et al. 2025; :mod:`rollout.block_sampler`):
+    columns ``[0, start)`` hold the keys/values of finished blocks; a forward on columns
+    ``[start, end)`` attends to them plus its own and writes its own at ``[start, end)``. A
+    block's denoising steps rewrite the same window; the next block's first step starts at the
+    finished block (recomputed once with its final tokens), which is how it gets stored."""
+
+    def __init__(self, capacity: int):
+        super().__init__(layers=[])
+        self.capacity, self.start = capacity, 0
+
+    def set_window(self, start: int) -> None:
+        """Subsequent forwards cover columns ``start, start + 1, ...`` (everything before is final)."""
+        self.start = start
+        for layer in self.layers:
+            layer.start = start
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        while len(self.layers) <= layer_idx:  # one buffer per layer, created on first use
+            self.layers.append(_ColumnsLayer(self.capacity))
+            self.layers[-1].start = self.start
+        return self.layers[layer_idx].update(key_states, value_states)

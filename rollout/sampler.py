@@ -18,6 +18,10 @@ Fast modes (each optional, all combinable): confidence-threshold parallel decodi
 (``threshold``, Fast-dLLM), block KV cache (``kv_cache="prefix" | "dual"``, see
 :mod:`rollout.kv_cache`), early commit (``early_commit``, Prophet), ``fill_after_eos``, and a
 learned unmasking-order hook (``order_policy``, see :class:`StepState`).
+
+Block-diffusion models (``block_causal``: SDAR / TraDo) are decoded by
+:func:`rollout.block_sampler.block_generate` instead: block by block with the exact KV cache of
+finished blocks, as SDAR's ``block_diffusion_generate``; :func:`generate` dispatches on the model.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from rollout.adapter import kv_cache_support, unwrap_model
+from rollout.block_sampler import block_generate, decodes_by_blocks, unsupported_options
 from rollout.kv_cache import BlockKVCache, window_mask
 from rollout.remasking import (REMASKING, confidence_scores, needed_stats, num_transfer_tokens, propose_and_score,
                                 top_k_mask)
@@ -249,7 +254,9 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
     ``unmask_step`` is the global step at which each completion token was committed;
     ``record_scores`` also keeps each step's candidate scores ``[B, S, L]`` (NaN elsewhere).
     Randomness comes only from ``generator``. Runs under ``no_grad`` in eval mode and restores
-    the model's train/eval flags.
+    the model's train/eval flags. A block-causal model (SDAR / TraDo) is decoded by
+    :func:`rollout.block_sampler.block_generate` (no CFG, early commit, bidirectional caches or
+    order policy: one ``ValueError`` naming the option).
     """
     check_args(prompt_ids, attention_mask, steps=steps, gen_length=gen_length, block_length=block_length,
                temperature=temperature, cfg_scale=cfg_scale, remasking=remasking, threshold=threshold,
@@ -258,6 +265,16 @@ def generate(model, prompt_ids: torch.Tensor, *, steps: int, gen_length: int, bl
         eos_id = _model_attr(model, "eos_token_id")
     if fill_after_eos and eos_id is None:
         raise ValueError("fill_after_eos=True needs eos_id (the model/adapter does not define one)")
+    if decodes_by_blocks(model):  # block diffusion (SDAR / TraDo): blocks with the exact cache of finished ones
+        why = unsupported_options(cfg_scale=cfg_scale, early_commit=early_commit, kv_cache=kv_cache,
+                                  cache_lookahead=cache_lookahead, order_policy=order_policy)
+        if why:
+            raise ValueError(f"{why} (model: {type(unwrap_model(model)).__name__})")
+        with torch.no_grad(), _eval_mode(model):
+            return block_generate(model, prompt_ids, steps=steps, gen_length=gen_length, block_length=block_length,
+                                  mask_id=mask_id, temperature=temperature, remasking=remasking,
+                                  attention_mask=attention_mask, generator=generator, eos_id=eos_id,
+                                  threshold=threshold, fill_after_eos=fill_after_eos, record_scores=record_scores)
     if kv_cache is not None:
         ok, why = kv_cache_support(model)
         if not ok:

@@ -190,7 +190,8 @@ def test_passes_per_draw_bounds_the_draws_passes(name):
     b, p, l, steps = 3, 4, 8, 8
     attn = torch.ones(b, p + l, dtype=torch.long)
     cmask = torch.ones(b, l, dtype=torch.long)
-    est = get_estimator(name, **({"block_length": 4} if name == "spg" else {}))
+    est = get_estimator(name, **({"block_length": 4} if name == "spg" else
+                                 {"model_block_length": 4} if name.startswith("block_") else {}))
     trace = {"trace": torch.arange(l).expand(b, l), "num_steps": steps} if est.needs_trace else {}
     k = est.draw(attn, cmask, p, torch.Generator().manual_seed(0), **trace).num_passes
     bound = est.passes_per_draw(steps)

@@ -163,3 +163,45 @@ def test_cpu_peaks_within_15_percent_of_the_plan(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r in json.loads(out.read_text()):
         assert abs(r["predicted"] / r["measured"] - 1) <= 0.15, r
+
+
+def test_block_diffusion_plan_trado_math():
+    """TraDo-8B with dLLM-RL's settings (experiment=trado_math) is planned as a block-diffusion model:
+    the block-causal TraceRL form (passes = block length / shrink, not one per denoising step), training
+    on [x_0, x_t] (prompt + twice the completion), rollouts from the exact cache of finished blocks."""
+    from recipes.plan import meta_model, plan_stage
+
+    cfg = load_config(["experiment=trado_math", "plan.world_size=8", "plan.gpu_memory_gib=80"])
+    model = meta_model(cfg)
+    assert model.block_causal and model.block_length == 4
+    assert abs(sum(p.numel() for p in model.parameters()) / 1e9 - 8.19) < 0.01  # Qwen3-8B's size
+    plan = plan_stage(cfg, "rl", model, world_size=8, gpu_bytes=80 * GIB)
+    assert plan.micro_batch == 1 * 4  # micro_batch_size 1 x 4 passes (shrink 1, blocks of 4)
+    assert plan.seq_len == 784 + 2 * 2000
+    shape = model_shape(model)
+    kv = {i.name: i.bytes for i in plan.items if "KV cache" in i.name}
+    per_position = shape.layers * 2 * shape.kv_heads * shape.head_dim * 2  # bf16 keys and values of every layer
+    assert kv == {"rollout: KV cache of finished blocks, 128 x 2784 positions": 128 * 2784 * per_position,
+                  "validation: KV cache of finished blocks, 128 x 2256 positions": 128 * (256 + 2000) * per_position}
+    assert plan.peak + CUDA_RESERVE <= 80 * GIB
+
+
+def test_block_kv_cache_item_equals_a_filled_transformers_cache():
+    """The plan's KV-cache bytes equal what our SDAR implementation stores in transformers' DynamicCache."""
+    from transformers.cache_utils import DynamicCache
+
+    from rl.memory import StagePlan, block_generation
+    from rollout.models import SDARConfig, SDARForMaskedLM
+
+    cfg = SDARConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                     num_key_value_heads=2, head_dim=16, max_position_embeddings=64, block_length=4)
+    model = SDARForMaskedLM(cfg).eval()
+    rows, seq = 3, 12
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.randint(0, 60, (rows, seq)), past_key_values=cache, use_cache=True)
+    stored = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+    plan = StagePlan(stage="rl")
+    block_generation(plan, model_shape(model), rows=rows, seq_len=seq, block_length=4, compute_bytes=4,
+                     phase="rollout", label="rollout", sampled=False)
+    assert [i.bytes for i in plan.items if "KV cache" in i.name] == [stored]

@@ -32,7 +32,8 @@ def test_known_families_and_missing_mask_error():
     assert resolve_model_ids(SimpleNamespace(model_type="x"), mask_token_id=5, logits_shifted=True) == (5, True)
     # a config's own mask id wins over the family default (tiny fixtures of the real families)
     assert resolve_model_ids(SimpleNamespace(model_type="llada", mask_token_id=1)) == (1, False)
-    assert set(KNOWN_MODELS) == {"llada", "dream"}
+    assert set(KNOWN_MODELS) == {"llada", "dream", "sdar"}
+    assert resolve_model_ids(SimpleNamespace(model_type="sdar")) == (151669, False)
     with pytest.raises(ValueError, match="my-model: cannot tell its mask token id"):
         resolve_model_ids(SimpleNamespace(model_type="gpt2"), SimpleNamespace(mask_token_id=None), name="my-model")
 

@@ -311,7 +311,8 @@ class TraceRL(Objective):
     pass_mean: bool = True
     name: ClassVar[str] = "tracerl"
     estimator: ClassVar[str] = "tracerl"
-    estimators: ClassVar[tuple[str, ...]] = ("tracerl", "d2_stepmerge")
+    # the block-causal forms (rl/block_diffusion.py) are what a block-diffusion policy gets
+    estimators: ClassVar[tuple[str, ...]] = ("tracerl", "d2_stepmerge", "block_tracerl", "block_d2_stepmerge")
     loss_type: ClassVar[str] = "seq_mean_token_sum"
 
     @property

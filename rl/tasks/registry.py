@@ -21,7 +21,9 @@ from dataclasses import dataclass, field
 REASONING_FORMAT = ("Respond in the following format:\n<reasoning>\n...\n</reasoning>\n"
                     "<answer>\n...\n</answer>")
 SPLITS = ("sft", "rl", "val", "test")
-PROMPT_STYLES = ("minimal", "instruct", "d1", "d1_eval")  # d1 / d1_eval: d1's own prompts (rl/tasks/d1.py)
+# The instruction TraDo / SDAR (Gen-Verse/dLLM-RL's math data) and Qwen chat models are trained on.
+BOXED_FORMAT = "Please reason step by step, and put your final answer within \\boxed{}."
+PROMPT_STYLES = ("minimal", "instruct", "boxed", "d1", "d1_eval")  # d1 / d1_eval: d1's own prompts (rl/tasks/d1.py)
 D1_STYLES = ("d1", "d1_eval")
 
 
@@ -31,12 +33,15 @@ class DataError(ValueError):
 
 def format_prompt(text: str, style: str) -> str:
     """The one prompt formatter: ``minimal`` = the text as is (the tiny model's format);
-    ``instruct`` = the text followed by d1's reasoning/answer format. The ``d1`` styles are d1's
+    ``instruct`` = the text followed by d1's reasoning/answer format; ``boxed`` = the text followed by
+    the step-by-step / ``\\boxed{}`` instruction of TraDo's math prompts. The ``d1`` styles are d1's
     own per-task prompts (rl/tasks/d1.py), which only d1's tasks define."""
     if style in D1_STYLES:
         raise DataError(f"prompt_style={style}: d1's prompts exist for its tasks only (gsm8k, math500, countdown, "
                         f"sudoku4); use minimal or instruct here")
-    return text if style == "minimal" else f"{text}\n{REASONING_FORMAT}"
+    if style == "minimal":
+        return text
+    return f"{text}\n{BOXED_FORMAT}" if style == "boxed" else f"{text}\n{REASONING_FORMAT}"
 
 
 def prompt_key(prompt) -> str:

@@ -9,8 +9,10 @@ from __future__ import annotations
 from rollout.models.base import BidirectionalLM, UnsupportedModelError, read_config_dict
 from rollout.models.dream import DreamConfig, DreamForMaskedLM
 from rollout.models.llada import LLaDAConfig, LLaDAForMaskedLM
+from rollout.models.sdar import SDARConfig, SDARForMaskedLM
 
-ARCHITECTURES: dict[str, type[BidirectionalLM]] = {"llada": LLaDAForMaskedLM, "dream": DreamForMaskedLM}
+ARCHITECTURES: dict[str, type[BidirectionalLM]] = {"llada": LLaDAForMaskedLM, "dream": DreamForMaskedLM,
+                                                   "sdar": SDARForMaskedLM}
 
 
 def native_class(model_type: str | None) -> type[BidirectionalLM] | None:
@@ -20,7 +22,7 @@ def native_class(model_type: str | None) -> type[BidirectionalLM] | None:
 
 def load_model_config(name_or_path, *, trust_remote_code: bool = False):
     """``(config, our class or None)`` of a checkpoint, without its weights: our config class for
-    LLaDA / Dream (one :class:`UnsupportedModelError` naming what our implementation cannot
+    LLaDA / Dream / SDAR (one :class:`UnsupportedModelError` naming what our implementation cannot
     reproduce), else transformers' ``AutoConfig``."""
     from transformers import AutoConfig
 
@@ -32,5 +34,13 @@ def load_model_config(name_or_path, *, trust_remote_code: bool = False):
     return config, native
 
 
+def is_block_causal(name_or_path) -> bool:
+    """Whether a checkpoint is a block-diffusion model (SDAR / TraDo: block-causal attention), by its
+    ``config.json`` alone."""
+    native = native_class(read_config_dict(name_or_path).get("model_type"))
+    return bool(getattr(native, "block_causal", False))
+
+
 __all__ = ["ARCHITECTURES", "BidirectionalLM", "DreamConfig", "DreamForMaskedLM", "LLaDAConfig",
-           "LLaDAForMaskedLM", "UnsupportedModelError", "load_model_config", "native_class", "read_config_dict"]
+           "LLaDAForMaskedLM", "SDARConfig", "SDARForMaskedLM", "UnsupportedModelError", "is_block_causal",
+           "load_model_config", "native_class", "read_config_dict"]

@@ -58,10 +58,8 @@ class BidirectionalTrunk(nn.Module):
         ``hidden_states`` (when asked): the input of every layer, then the final normed output."""
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if position_ids is None:
-            position_ids = torch.arange(x.shape[1], device=x.device)[None]
-        mask = attention_mask
-        if attention_mask is not None and attention_mask.dim() == 2:
-            mask = create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask)
+            position_ids = self.default_positions(x, past_key_values)
+        mask = self.attention_mask_for(x, attention_mask, position_ids, past_key_values)
         cos_sin = self.rotary_emb(x, position_ids)
         hidden = []
         for layer in self.layers:
@@ -74,6 +72,18 @@ class BidirectionalTrunk(nn.Module):
             hidden.append(x)
         return BaseModelOutputWithPast(last_hidden_state=x, hidden_states=tuple(hidden) if hidden else None,
                                        past_key_values=past_key_values)
+
+    def default_positions(self, x: torch.Tensor, past_key_values=None) -> torch.Tensor:
+        """``position_ids`` when none are given: ``0..N-1``."""
+        return torch.arange(x.shape[1], device=x.device)[None]
+
+    def attention_mask_for(self, x: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                           past_key_values=None) -> torch.Tensor | None:
+        """The mask the layers get: bidirectional over real tokens for a 2D padding mask; a
+        prepared 4D mask (or None) as given. Subclasses with another attention pattern override it."""
+        if attention_mask is not None and attention_mask.dim() == 2:
+            return create_bidirectional_mask(config=self.config, inputs_embeds=x, attention_mask=attention_mask)
+        return attention_mask
 
 
 class BidirectionalLM(PreTrainedModel):
@@ -89,6 +99,7 @@ class BidirectionalLM(PreTrainedModel):
     _supports_attention_backend = True
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
     layer_cls = norm_cls = rotary_cls = None
+    trunk_cls: type[BidirectionalTrunk] = BidirectionalTrunk
     published_names: tuple[tuple[str, str], ...] = ()
     published_architecture: str = ""
 
@@ -96,7 +107,7 @@ class BidirectionalLM(PreTrainedModel):
         super().__init__(config)
         layer_config = config.layer_config()
         self._no_split_modules = [self.layer_cls.__name__]
-        self.model = BidirectionalTrunk(config, layer_config, self.layer_cls, self.norm_cls, self.rotary_cls)
+        self.model = self.trunk_cls(config, layer_config, self.layer_cls, self.norm_cls, self.rotary_cls)
         self.lm_head = nn.Linear(layer_config.hidden_size, config.embedding_rows, bias=False)
         self.published_files: dict[str, str] = {}
         self.post_init()
@@ -121,7 +132,7 @@ class BidirectionalLM(PreTrainedModel):
         computes them: unshifted for LLaDA, shifted (position i predicts token i+1) for Dream."""
         out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          past_key_values=past_key_values, inputs_embeds=inputs_embeds,
-                         output_hidden_states=output_hidden_states)
+                         output_hidden_states=output_hidden_states, **kwargs)
         h = out.last_hidden_state
         logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)
         return MaskedLMOutput(logits=logits, hidden_states=out.hidden_states)

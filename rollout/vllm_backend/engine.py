@@ -80,8 +80,22 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def check_not_block_causal(model_type: str | None) -> None:
+    """One ``ValueError`` line for a block-diffusion ``model_type`` (SDAR / TraDo): the vLLM backend
+    runs each denoising step on the whole sequence with bidirectional attention; block-causal
+    decoding with the exact cache of finished blocks is the torch backend's
+    (:mod:`rollout.block_sampler`)."""
+    from rollout.models import native_class
+
+    if getattr(native_class(model_type), "block_causal", False):
+        raise ValueError(f"rollout.backend=vllm: model_type={model_type!r} is a block-diffusion model (block-causal "
+                         f"attention, decoded block by block with an exact cache), which the vLLM backend does not "
+                         f"serve; use rollout.backend=torch")
+
+
 def check_model(config) -> None:
     """One ``ValueError`` line when vLLM cannot serve a model with this transformers ``config``."""
+    check_not_block_causal(getattr(config, "model_type", None))
     from rollout.vllm_backend.models import SUPPORTED, to_vllm_config
 
     translated = to_vllm_config(config)

@@ -1,5 +1,5 @@
-"""Tiny random checkpoints of LLaDA and Dream in their published folder layout, and the published
-modeling code (``../shared/models``) loaded as a reference.
+"""Tiny random checkpoints of LLaDA, Dream and SDAR in their published folder layout, and the
+published modeling code (``../shared/models``) loaded as a reference.
 
 A fixture folder is what a user downloads, scaled down: ``config.json`` with ``auto_map`` and the
 family's keys, the published ``.py`` files, ``model.safetensors`` with the published tensor names
@@ -12,7 +12,17 @@ package with the shims the reference needs and nothing else:
 - Dream: RoPE ``"default"`` init (removed from ``ROPE_INIT_FUNCTIONS``), ``_tied_weights_keys`` as
   the dict transformers 5 expects, ``DreamGenerationConfig.validate`` accepting v5's keywords, and, as the README of
   ``../shared/models`` prescribes, the one line that rebuilds ``position_ids`` is restored to use
-  the given ones (Dream's released code does; its sampler passes positions that skip left padding).
+  the given ones (Dream's released code does; its sampler passes positions that skip left padding);
+- SDAR: ``LossKwargs`` (gone from ``transformers.utils``) defined in the private copy, RoPE
+  ``"default"`` init (with the config's ``head_dim``), ``_tied_weights_keys`` as a dict, and a
+  plain-torch stand-in for the ``flash_attn`` package its module imports at load time
+  (``rms_norm_fn`` = the plain RMSNorm commented out under ``SDARRMSNorm.forward``), present in
+  ``sys.modules`` only while the private copy is imported; a ``DynamicCache`` that can be indexed
+  by layer (:class:`LegacyDynamicCache`, transformers 4's API, which SDAR's attention uses). SDAR's
+  sampler ``generate.py`` is imported from the same package (``published_sdar.generate``) and run by
+  :func:`sdar_generate`: the 3D ``[1, Q, K]`` block mask it passes gets the head axis the published
+  attention indexes (it fails on a 3D mask otherwise), and "greedy" replaces its multinomial draw by
+  the argmax (it has no temperature 0).
 """
 
 from __future__ import annotations
@@ -23,15 +33,24 @@ import os
 import shutil
 import sys
 import tempfile
+import types
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicCache
 
 ROOT = Path(__file__).resolve().parents[2]
 SHARED_MODELS = Path(os.environ.get("DLLM_RL_SHARED_MODELS", ROOT.parent / "shared" / "models"))
 
 LLADA_FILES = ("configuration_llada.py", "modeling_llada.py")
 DREAM_FILES = ("configuration_dream.py", "modeling_dream.py", "generation_utils.py")
+SDAR_FILES = ("configuration_sdar.py", "modeling_sdar.py")
+_SDAR_LOSS_KWARGS_LINE = "from transformers.utils import LossKwargs, auto_docstring,"
+_SDAR_LOSS_KWARGS_FIX = ("from typing import TypedDict\n\n\nclass LossKwargs(TypedDict, total=False):\n"
+                         "    \"\"\"Removed from transformers.utils in v5 (test shim).\"\"\"\n\n\n"
+                         "from transformers.utils import auto_docstring,")
+FILES = {"llada": LLADA_FILES, "dream": DREAM_FILES, "sdar": SDAR_FILES}
 _DREAM_POSITION_LINE = "        if not dual_cache:\n            position_ids = torch.arange("
 _DREAM_POSITION_FIX = "        if not dual_cache and position_ids is None:\n            position_ids = torch.arange("
 
@@ -50,7 +69,7 @@ def published_modules(family: str):
     private package (with the reference shims described in the module docstring)."""
     if family in _packages:
         return _packages[family]
-    files = LLADA_FILES if family == "llada" else DREAM_FILES
+    files = FILES[family] + (("generate.py",) if family == "sdar" else ())
     pkg_root = Path(tempfile.mkdtemp(prefix="published-"))
     pkg = pkg_root / f"published_{family}"
     pkg.mkdir()
@@ -60,10 +79,21 @@ def published_modules(family: str):
         if name == "modeling_dream.py":
             assert _DREAM_POSITION_LINE in text, "Dream's position_ids line moved; update the shim"
             text = text.replace(_DREAM_POSITION_LINE, _DREAM_POSITION_FIX)
+        if name == "modeling_sdar.py":
+            assert _SDAR_LOSS_KWARGS_LINE in text, "SDAR's transformers.utils import moved; update the shim"
+            text = text.replace(_SDAR_LOSS_KWARGS_LINE, _SDAR_LOSS_KWARGS_FIX)
         (pkg / name).write_text(text)
     sys.path.insert(0, str(pkg_root))
-    stem = "llada" if family == "llada" else "dream"
+    stem = family
     cfg_mod = importlib.import_module(f"published_{family}.configuration_{stem}")
+    if family == "sdar":
+        with _flash_attn_stand_in():
+            model_mod = importlib.import_module(f"published_{family}.modeling_{stem}")
+        model_mod.ROPE_INIT_FUNCTIONS = {**model_mod.ROPE_INIT_FUNCTIONS, "default": _default_rope}
+        model_mod.SDARForCausalLM._tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+        importlib.import_module("published_sdar.generate").DynamicCache = LegacyDynamicCache
+        _packages[family] = (cfg_mod, model_mod)
+        return cfg_mod, model_mod
     model_mod = importlib.import_module(f"published_{family}.modeling_{stem}")
     if family == "dream":
         model_mod.ROPE_INIT_FUNCTIONS = {**model_mod.ROPE_INIT_FUNCTIONS, "default": _default_rope}
@@ -74,9 +104,47 @@ def published_modules(family: str):
     return cfg_mod, model_mod
 
 
+class LegacyDynamicCache(DynamicCache):
+    """transformers 4's ``cache[layer_idx] -> (keys, values)``, which SDAR's attention reads when it
+    does not store (``store_kv=False``); SDAR's sampler gets this class in the private copy."""
+
+    def __getitem__(self, layer_idx: int):
+        layer = self.layers[layer_idx]
+        return layer.keys, layer.values
+
+
+@contextmanager
+def _flash_attn_stand_in():
+    """A plain-torch ``flash_attn`` in ``sys.modules`` for the duration (SDAR's module imports
+    ``flash_attn.ops.triton.layer_norm.rms_norm_fn`` at load time); removed afterwards, so nothing
+    else can import it. ``flash_attn_func`` is left out: SDAR only calls it for one-token queries
+    with a cache, which no test runs (its guarded import then fails quietly, as without flash-attn)."""
+    names = ("flash_attn", "flash_attn.ops", "flash_attn.ops.triton", "flash_attn.ops.triton.layer_norm")
+    assert not any(n in sys.modules for n in names), "a flash_attn module is already imported"
+    modules = {n: types.ModuleType(n) for n in names}
+    modules["flash_attn.ops.triton.layer_norm"].rms_norm_fn = _rms_norm
+    sys.modules.update(modules)
+    try:
+        yield
+    finally:
+        for n in names:
+            sys.modules.pop(n, None)
+
+
+def _rms_norm(x, weight, bias=None, eps=1e-6, **_):
+    """The RMSNorm commented out under ``SDARRMSNorm.forward``: ``w * x / sqrt(mean(x^2) + eps)``
+    computed in float32, cast back before the weight."""
+    assert bias is None
+    dtype = x.dtype
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(dtype)
+
+
 def _default_rope(config, device=None, **_):
-    """RoPE inverse frequencies, ``theta^(-2j/d)`` (Su et al. 2021), as transformers 4 computed them."""
-    dim = config.hidden_size // config.num_attention_heads
+    """RoPE inverse frequencies, ``theta^(-2j/d)`` (Su et al. 2021), as transformers 4 computed them
+    (``d`` = ``config.head_dim`` when set, else hidden size / heads)."""
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float().to(device) / dim))
     return inv_freq, 1.0
 
@@ -84,7 +152,7 @@ def _default_rope(config, device=None, **_):
 def published_config(family: str, folder: str | Path):
     cfg_mod, _ = published_modules(family)
     data = json.loads((Path(folder) / "config.json").read_text())
-    cls = cfg_mod.LLaDAConfig if family == "llada" else cfg_mod.DreamConfig
+    cls = getattr(cfg_mod, {"llada": "LLaDAConfig", "dream": "DreamConfig", "sdar": "SDARConfig"}[family])
     config = cls(**{k: v for k, v in data.items() if k not in ("model_type", "transformers_version")})
     config.use_cache = False
     return config
@@ -96,13 +164,18 @@ def published_model(family: str, folder: str | Path):
 
     _, model_mod = published_modules(family)
     config = published_config(family, folder)
-    model = model_mod.LLaDAModelLM(config, init_params=False) if family == "llada" else model_mod.DreamModel(config)
+    if family == "llada":
+        model = model_mod.LLaDAModelLM(config, init_params=False)
+    elif family == "sdar":
+        model = model_mod.SDARForCausalLM(config)
+    else:
+        model = model_mod.DreamModel(config)
     state = {}
     for file in sorted(Path(folder).glob("*.safetensors")):
         state.update(load_file(file))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = ["lm_head.weight"] if family == "dream" and config.tie_word_embeddings else []
-    if family == "dream" and config.tie_word_embeddings:
+    tied = ["lm_head.weight"] if family != "llada" and config.tie_word_embeddings else []
+    if family != "llada" and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     assert not unexpected and set(missing) <= set(tied), (missing, unexpected)
     return model.float().eval()
@@ -111,9 +184,12 @@ def published_model(family: str, folder: str | Path):
 def build_published_folder(family: str, folder: str | Path, *, layers: int = 2, hidden: int = 64, heads: int = 2,
                            kv_heads: int | None = None, intermediate: int = 128, tie: bool = False,
                            seed: int = 0, init_std: float = 0.02, max_positions: int = 512,
-                           mute_mask: bool = False) -> Path:
+                           mute_mask: bool = False, head_dim: int | None = None, block_length: int | None = None,
+                           rope_theta: float = 10000.0) -> Path:
     """A tiny random checkpoint in the published layout (see the module docstring). Head size is
-    ``hidden / heads`` (>= 32 keeps every attention backend happy).
+    ``hidden / heads`` (>= 32 keeps every attention backend happy); SDAR: ``head_dim`` (default
+    ``hidden / heads``) and ``block_length`` (written to ``config.json`` when given; SDAR's own
+    configs have none).
 
     ``mute_mask``: zero the output row of the mask token, so its logit is 0 and (with a large
     ``init_std``) never the argmax: the published samplers may propose the mask token, ours never
@@ -147,6 +223,27 @@ def build_published_folder(family: str, folder: str | Path, *, layers: int = 2, 
             torch.manual_seed(seed)
             model = model_mod.LLaDAModelLM(config, init_params=True)
         files = LLADA_FILES
+    elif family == "sdar":
+        data = dict(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+            num_attention_heads=heads, num_key_value_heads=kv_heads or heads, head_dim=head_dim or hidden // heads,
+            hidden_act="silu", max_position_embeddings=max_positions, initializer_range=init_std, rms_norm_eps=1e-6,
+            tie_word_embeddings=tie, rope_theta=rope_theta, rope_scaling=None, attention_bias=False,
+            use_sliding_window=False, sliding_window=None, max_window_layers=layers, attention_dropout=0.0,
+            fuse_cross_entropy=False, use_cache=False, bos_token_id=tok.bos_token_id, **ids,
+            auto_map={"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                      "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"},
+            architectures=["SDARForCausalLM"], model_type="sdar")
+        if block_length is not None:
+            data["block_length"] = block_length
+        config = cfg_mod.SDARConfig(**{k: v for k, v in data.items() if k != "model_type"})
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = model_mod.SDARForCausalLM(config)
+        files = SDAR_FILES
+        (folder / "generation_config.json").write_text(json.dumps(
+            {"pad_token_id": tok.pad_token_id, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.bos_token_id},
+            indent=2))
     else:
         data = dict(
             vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -177,3 +274,45 @@ def build_published_folder(family: str, folder: str | Path, *, layers: int = 2, 
         shutil.copy(_shared(family) / name, folder / name)
     tok.save_pretrained(folder)
     return folder
+
+
+class _SamplerMaskShim(torch.nn.Module):
+    """The published SDAR model as its sampler calls it: ``generate.py`` passes a 3D ``[1, Q, K]``
+    block mask, which the published attention indexes as 4D; the shim adds the head axis."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    @property
+    def device(self):
+        return next(self.inner.parameters()).device
+
+    def forward(self, input_ids, attention_mask=None, **kwargs):
+        if attention_mask is not None and attention_mask.dim() == 3:
+            attention_mask = attention_mask[:, None]
+        return self.inner(input_ids, attention_mask=attention_mask, **kwargs)
+
+
+def _greedy_sample(logits, temperature=1.0, top_k=0, top_p=1.0):
+    """SDAR's ``sample_with_temperature_topk_topp`` at temperature 1 with its multinomial draw
+    replaced by the argmax: ``(argmax token, its softmax probability)``."""
+    assert temperature == 1.0 and top_k == 0 and top_p == 1.0
+    probs = torch.softmax(logits.float(), dim=-1)
+    token = probs.argmax(-1)
+    return token, probs.gather(-1, token[..., None]).squeeze(-1)
+
+
+def sdar_generate(model, prompt: torch.Tensor, *, greedy: bool = True, **kwargs) -> torch.Tensor:
+    """SDAR's published ``block_diffusion_generate`` (``generate.py``) on the published ``model`` and
+    one unpadded prompt ``[1, P]``; ``greedy``: argmax instead of its multinomial draw (the
+    published sampler has no temperature 0). Returns its ``x`` ``[1, ceil((P + L) / bl) * bl]``."""
+    published_modules("sdar")
+    gen = importlib.import_module("published_sdar.generate")
+    original = gen.sample_with_temperature_topk_topp
+    if greedy:
+        gen.sample_with_temperature_topk_topp = _greedy_sample
+    try:
+        return gen.block_diffusion_generate(_SamplerMaskShim(model), {"input_ids": prompt}, **kwargs)
+    finally:
+        gen.sample_with_temperature_topk_topp = original
