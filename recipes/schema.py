@@ -130,7 +130,7 @@ class TaskConfig:
 
 @dataclass
 class RecipeConfig:
-    name: str = "sft_then_grpo"
+    name: str = "sft_grpo_distill"
     select_best: bool = True  # keep the stage checkpoint with the best validation accuracy
     eval_batch_size: int = 128
     plot: bool = True  # reward_curve.png in run_dir

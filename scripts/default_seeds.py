@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of finished child processes: with ``threads=1`` a run's CPU time
+    is about the wall time it would take alone on the machine (wall time also counts waiting for
+    the cores when other jobs share them)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def _cpu_model() -> str:
@@ -39,27 +48,29 @@ def main() -> int:
     rows = []
     for seed in args.seeds:
         run_dir = ROOT / args.runs / f"seed{seed}"
-        wall = None
+        wall = cpu = None
         if not args.table_only:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), _children_cpu()
             cmd = [sys.executable, "-m", "recipes", f"seed={seed}", f"run_dir={run_dir}", *args.overrides]
             print("+", " ".join(cmd), flush=True)
             subprocess.run(cmd, cwd=ROOT, check=True)
-            wall = time.perf_counter() - t0
-            (run_dir / "wall_time.json").write_text(json.dumps({"wall_time_s": wall}))
+            wall, cpu = time.perf_counter() - t0, _children_cpu() - c0
+            (run_dir / "wall_time.json").write_text(json.dumps({"wall_time_s": wall, "cpu_time_s": cpu}))
         elif (run_dir / "wall_time.json").exists():
-            wall = json.loads((run_dir / "wall_time.json").read_text())["wall_time_s"]
+            times = json.loads((run_dir / "wall_time.json").read_text())
+            wall, cpu = times["wall_time_s"], times.get("cpu_time_s")
         s = json.loads((run_dir / "summary.json").read_text())
         last = "distill" if "distill" in s else "rl"
         rows.append((seed, s["sft"]["eval/accuracy"], s[last]["eval/accuracy"],
-                     [s[k]["train_wall_time_s"] for k in ("sft", "rl", "distill") if k in s], s["wall_time_s"], wall))
+                     [s[k]["train_wall_time_s"] for k in ("sft", "rl", "distill") if k in s], s["wall_time_s"], wall, cpu))
     stages = "SFT / RL / distill" if len(rows[0][3]) == 3 else "SFT / RL"
-    print(f"\n| seed | SFT test acc | final test acc | lift | {stages} train time | pipeline | total wall |")
-    print("|---|---|---|---|---|---|---|")
-    for seed, a0, a1, times, pipeline, wall in rows:
+    print(f"\n| seed | SFT test acc | final test acc | lift | {stages} train time | pipeline | total wall | total CPU |")
+    print("|---|---|---|---|---|---|---|---|")
+    for seed, a0, a1, times, pipeline, wall, cpu in rows:
         total = f"{wall / 60:.1f} min" if wall else "n/a"
+        total_cpu = f"{cpu / 60:.1f} min" if cpu else "n/a"
         print(f"| {seed} | {100 * a0:.1f}% | {100 * a1:.1f}% | {100 * (a1 - a0):+.1f} | "
-              f"{' / '.join(f'{t:.0f} s' for t in times)} | {pipeline / 60:.1f} min | {total} |")
+              f"{' / '.join(f'{t:.0f} s' for t in times)} | {pipeline / 60:.1f} min | {total} | {total_cpu} |")
     lifts = [100 * (r[2] - r[1]) for r in rows]
     pipes = [r[4] / 60 for r in rows]
     print(f"\nmean lift {sum(lifts) / len(lifts):+.1f} points, min {min(lifts):+.1f}; "

@@ -13,16 +13,20 @@ import pytest
 from recipes.__main__ import main
 from recipes.config import group_options, load_config
 from recipes.schema import ConfigError, RunConfig
-from rl.config import DiffuGRPOConfig, RolloutOptions, SFTConfig
+from rl.config import DiffuGRPOConfig, RolloutOptions, SelfDistillConfig, SFTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_default_composition_is_the_sudoku_sft_then_grpo_recipe():
+def test_default_composition_is_the_sudoku_sft_grpo_distill_recipe():
     cfg = load_config([])
     assert isinstance(cfg, RunConfig)
-    assert cfg.recipe.name == "sft_then_grpo" and cfg.task.name == "sudoku4" and cfg.model.path is None
+    assert cfg.recipe.name == "sft_grpo_distill" and cfg.task.name == "sudoku4" and cfg.model.path is None
     assert isinstance(cfg.sft, SFTConfig) and isinstance(cfg.rl, DiffuGRPOConfig)
+    assert isinstance(cfg.distill, SelfDistillConfig)
+    # the speed-aware default shortens RL; d1's two stages keep the trainer's 300 steps
+    assert cfg.rl.max_steps == 100 and load_config(["recipe=sft_then_grpo"]).rl.max_steps == 300
+    assert load_config(["rl.max_steps=7"]).rl.max_steps == 7
     assert isinstance(cfg.rl.rollout, RolloutOptions)
     # run-level keys flow into both trainers
     assert cfg.sft.seed == cfg.rl.seed == 0
@@ -60,7 +64,8 @@ BAD_OVERRIDES = [
     ("rl.epsilon=-1", "rl.epsilon=-1.0: must be >= 0"),
     ("sft.lr=0", "sft.lr=0.0: must be > 0"),
     ("rl.max_steps=0", "rl.max_steps=0: must be >= 1"),
-    ("rl.estimator=nope", "rl.estimator='nope': unknown estimator 'nope' (registered: coupled, d2_stepmerge, espo, mc_elbo, mc_elbo_ll, mean_field"),
+    ("rl.estimator=nope", "rl.estimator='nope': unknown estimator 'nope' (registered: block_d2_stepmerge, block_mc_elbo, "
+                          "block_mean_field, block_tracerl, coupled, d2_stepmerge, espo, mc_elbo, mc_elbo_ll, mean_field"),
     ("rl.estimator_options={foo: 1}", "estimator 'mean_field': unknown option(s) ['foo']"),
     ("rl.objective=difu_grpo", "rl.objective='difu_grpo': unknown objective 'difu_grpo'; did you mean 'diffu_grpo'?"),
     ("rl.objective_options={foo: 1}", "objective 'diffu_grpo': unknown option(s) ['foo']"),
@@ -72,7 +77,7 @@ BAD_OVERRIDES = [
     ("task.rewards={sudoku: abc}", "task.rewards.sudoku='abc': must be a finite number"),
     ("task.accuracy_reward=nope", "task.accuracy_reward: unknown reward 'nope'"),
     ("task.num_val=-1", "task.num_val=-1: must be >= 0"),
-    ("trainer@rl=sft", "rl: recipe sft_then_grpo runs DiffuGRPOConfig at this stage but got a SFTConfig; "
+    ("trainer@rl=sft", "rl: recipe sft_grpo_distill runs DiffuGRPOConfig at this stage but got a SFTConfig; "
                        "select trainer@rl=<diffu_grpo or diffu_grpo_d1>"),
     ("recipe=dpo rl.optimal_allocation=false rl.estimator=coupled", "needs estimator mc_elbo or mc_elbo_ll"),
     ("task.rewards={sudoku: 1.0", "bad override syntax"),
@@ -216,7 +221,7 @@ def test_every_group_option_composes():
             if option == "local":
                 overrides.append("task.path=data.jsonl")
             if group == "model" and option != "tiny":  # bf16 weights train with DeepSpeed's bf16 (fp32 master)
-                overrides += ["sft.bf16=true", "rl.bf16=true"]
+                overrides += ["sft.bf16=true", "rl.bf16=true", "distill.bf16=true"]
             cfg = load_config(overrides)
             assert getattr(cfg, key) is not None
     for option in group_options("trainer"):
@@ -224,10 +229,32 @@ def test_every_group_option_composes():
             assert isinstance(load_config([f"trainer@sft={option}"]).sft, SFTConfig)
 
 
+def test_trado_math_carries_dllm_rl_settings():
+    """Config drift guard for experiment=trado_math against Gen-Verse/dLLM-RL's configs/rl_trado.yaml
+    (commit 10b4fd1): its rollout, TraceRL and optimizer values, as that file writes them."""
+    cfg = load_config(["experiment=trado_math"])
+    assert (cfg.model.name, cfg.model.path, cfg.model.family, cfg.model.mask_token_id) == (
+        "trado_8b_instruct", "Gen-Verse/TraDo-8B-Instruct", "auto", 151669)
+    assert cfg.recipe.name == "grpo" and cfg.task.name == "math500" and cfg.task.prompt_style == "boxed"
+    ro = cfg.rl.rollout  # rollout: block_size 4, denoising_steps_per_block 4, max_token 2000, dynamic 0.9, T 1.0
+    assert (ro.block_length, ro.gen_length, ro.steps // (ro.gen_length // ro.block_length)) == (4, 2000, 4)
+    assert (ro.threshold, ro.temperature, cfg.rollout.temperature) == (0.9, 1.0, 0.0)
+    rl = cfg.rl  # training: TraceRL, shrink 1, eps 0.2, beta 0.01 (k3), lr 1e-6, 64 tasks x 16 on 8 GPUs, 80 steps
+    assert rl.objective == "tracerl" and dict(rl.objective_options) == {"shrink": 1, "beta_old": 0.01,
+                                                                         "use_kl_estimator_k3": True}
+    assert (rl.epsilon, rl.beta, rl.lr, rl.weight_decay, tuple(rl.adam_betas), rl.max_grad_norm) == (
+        0.2, 0.0, 1e-6, 0.0, (0.9, 0.999), 1.0)
+    assert (rl.per_device_prompts * 8, rl.num_generations, rl.num_iterations, rl.max_steps) == (64, 16, 1, 80)
+    assert (rl.max_prompt_length, rl.deepspeed, rl.bf16, rl.gradient_checkpointing) == (784, "zero3", True, True)
+    assert not rl.lora.enabled
+    assert load_config(["experiment=trado_math", "model=sdar_8b_chat"]).model.path == "JetLM/SDAR-8B-Chat"
+
+
 D1 = dict(lr=3e-6, num_generations=6, epsilon=0.5, beta=0.04, bf16=True, deepspeed="zero2")
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "configs" / "experiment").glob("*.yaml")
+                                               if not p.stem.startswith("trado")))
 def test_real_model_experiments_carry_d1_settings(experiment):
     """Config drift guard for the GPU recipes (instantiated without weights)."""
     cfg = load_config([f"experiment={experiment}"])
