@@ -34,7 +34,7 @@ def _series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(run_dir: Path) -> Path | None:
-    """``reward_curve.png``: RL reward per step (top) and validation accuracy of both stages with
+    """``reward_curve.png``: RL reward per step (top) and validation accuracy of every stage with
     the test accuracy of each selected checkpoint (bottom), against the global step."""
     import matplotlib
 
@@ -69,7 +69,8 @@ def plot_curves(run_dir: Path) -> Path | None:
     ax_r.grid(alpha=0.3)
     ax_a.set_ylabel("exact-solve accuracy (%)")
     ax_a.set_ylim(0, 100)
-    ax_a.set_xlabel("step (SFT steps, then RL steps)")
+    stages = [s.upper() if s in ("sft", "rl") else s for s in dict.fromkeys(r["stage"] for r in rows)]
+    ax_a.set_xlabel(f"step ({', then '.join(stages)} steps)")
     if ax_a.get_legend_handles_labels()[0]:
         ax_a.legend(loc="lower right", fontsize=8)
     ax_a.grid(alpha=0.3)

@@ -250,18 +250,11 @@ def block_generation(plan: StagePlan, shape: ModelShape, *, rows: int, seq_len: 
                      compute_bytes: int, phase: str, label: str, sampled: bool = True) -> None:
     """One step of the block-diffusion sampler (rollout/block_sampler.py) on ``rows`` sequences of up
     to ``seq_len`` tokens: the exact KV cache of the finished blocks (keys and values of every layer),
-    and a forward over at most two blocks (the finished one being stored + the current one): their
-    logits, softmax statistics (and float64 Gumbel noise when ``sampled``) and one layer's activations."""
-    b = compute_bytes
-    window = 2 * block_length
+    and :func:`generation` on at most two blocks (the finished one being stored + the current one)."""
     plan.add(f"{label}: KV cache of finished blocks, {rows} x {seq_len} positions",
-             rows * seq_len * shape.layers * 2 * shape.kv_heads * shape.head_dim * b, phase)
-    plan.add(f"{label}: logits of {rows} x {window} positions", rows * window * shape.vocab * b, phase)
-    per = b + 8 + (32 if sampled else 0)
-    plan.add(f"{label}: {'float64 noise, ' if sampled else ''}softmax on {rows} x {window} positions",
-             rows * window * shape.vocab * per, phase)
-    plan.add(f"{label}: one layer's activations", rows * window * b * (4 * shape.hidden + 3 * shape.intermediate),
-             phase)
+             rows * seq_len * shape.layers * 2 * shape.kv_heads * shape.head_dim * compute_bytes, phase)
+    generation(plan, shape, rows=rows, seq_len=2 * block_length, window=2 * block_length, compute_bytes=compute_bytes,
+               phase=phase, label=label, sampled=sampled)
 
 
 def largest_fitting(build, budget: float, limit: int) -> int:

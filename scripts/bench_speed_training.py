@@ -1,8 +1,8 @@
 """Speed-aware training: does the policy decode in parallel at no accuracy cost?
 
-Per seed: one ``recipe=sft_grpo_distill`` run (SFT, diffu-GRPO, then self-distillation for
-parallel decoding; its RL stage is exactly the default recipe's, so ``rl/best`` is the default's
-final checkpoint), then the eval recipe on the RL and the distilled checkpoints with two rollout
+Per seed: one ``recipe=sft_grpo_distill`` run (the default recipe: SFT, diffu-GRPO, then
+self-distillation for parallel decoding; ``-- rl.max_steps=300`` gives ``recipe=sft_then_grpo``'s RL
+stage, whose ``rl/best`` is that recipe's final checkpoint), then the eval recipe on the RL and the distilled checkpoints with two rollout
 modes: ``reference`` (the run's rollout, one token per step) and ``fast`` (``rollout=fast``'s
 steps: several tokens per forward pass). Prints per-seed rows and the mean over seeds with
 standard errors of the paired differences (fast - reference, distilled - RL).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["logger.wandb.mode=disabled"]
-STAGES = {"rl": "RL (today's default)", "distill": "RL + self-distillation"}
+STAGES = {"rl": "RL", "distill": "RL + self-distillation"}
 
 
 def fast_steps() -> int:

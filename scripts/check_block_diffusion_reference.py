@@ -25,20 +25,21 @@ compares against without the checkout. Exits 1 on any mismatch.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import math
 import pathlib
 import sys
-import textwrap
 import types
 
 import torch
 import torch.nn.functional as F
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+for _path in (ROOT, ROOT / "scripts"):  # our package, and objective_refs (also when imported as scripts.<this>)
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from objective_refs._authors import checkout_path, main_functions  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "block_diffusion" / "reference.json"
 
@@ -153,32 +154,14 @@ SFT_NESTED = ("collapse_k_unique", "make_basic_block_attention", "process_pad", 
               "collect_training_data", "forward_process")
 
 
-def checkout_file(repo: pathlib.Path, rel: str) -> pathlib.Path:
-    for cand in (pathlib.Path(repo) / rel, pathlib.Path(repo) / "dLLM-RL" / rel):
-        if cand.exists():
-            return cand
-    raise FileNotFoundError(f"no {rel} under {repo} (pass the dLLM-RL checkout)")
-
-
 def authors_namespace(repo: pathlib.Path, source: str, nested: tuple[str, ...], training: dict) -> dict:
     """The authors' nested functions (and ``TrainDataset``) of ``source``'s ``main`` exec'd into one
     namespace with what ``main`` closes over; set ``ns["model"]`` before calling."""
-    path = checkout_file(repo, source)
-    text = path.read_text()
-    tree = ast.parse(text)
-    main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainDataset"), None)
-    if main is None or cls is None:
-        raise LookupError(f"{path}: no main() or TrainDataset")
-    found = {n.name: n for n in ast.walk(main) if isinstance(n, ast.FunctionDef) and n.name in nested}
-    missing = set(nested) - set(found)
-    if missing:
-        raise LookupError(f"{path}: main() lacks {sorted(missing)}")
+    path = checkout_path(repo, source, "dLLM-RL")
     config = types.SimpleNamespace(training=types.SimpleNamespace(block_size=BLOCK, post_num=POST_NUM, **training))
     ns = {"torch": torch, "F": F, "config": config, "start_pos": P, "L0": P, "L1": L, "post_num": POST_NUM,
           "pad_id": PAD_ID, "mask_id": MASK_ID, "model": None, "Dataset": torch.utils.data.Dataset}
-    for node in (cls, *(found[k] for k in nested)):  # decorators (@torch.no_grad) are not part of the segment
-        exec(compile(textwrap.dedent(ast.get_source_segment(text, node)), f"{path}:{node.name}", "exec"), ns)  # noqa: S102
+    main_functions(path, nested, ns)
     ns["basic_block_attention"] = ns["make_basic_block_attention"](P + 2 * L, P, BLOCK).cpu()
     return ns
 

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+from helpers.block_recipes import tiny_sdar
 from rl.block_diffusion import (BlockMeanField, BlockScoring, BlockTraceRLTrace, block_diffusion_sft_loss,
                                 block_estimator, block_masked_logprobs, block_trace_logprobs, draw_block_sft_noise,
                                 split_prompt_response)
@@ -20,24 +21,6 @@ from rollout.types import Rollout, completion_mask_from_eos
 BLOCK = 4
 P, L = 7, 10  # prompt width (left padded), completion width
 PROMPT_LENS = [7, 5, 2, 6]
-
-
-def tiny_sdar(seed: int = 0, block_length: int = BLOCK):
-    """A ~0.1M-parameter SDAR (2 Qwen3 blocks, block-causal attention) with the tiny tokenizer."""
-    from rollout import PolicyAdapter
-    from rollout.models import SDARConfig, SDARForMaskedLM
-    from rollout.tiny import build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    cfg = SDARConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=128,
-                     initializer_range=0.3, block_length=block_length, tie_word_embeddings=False,
-                     pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id,
-                     mask_token_id=tok.mask_token_id)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = SDARForMaskedLM(cfg)
-    return PolicyAdapter(model, tok, mask_token_id=tok.mask_token_id)
 
 
 def hand_made_rollout(policy, seed: int = 0, g: int = 4) -> Rollout:

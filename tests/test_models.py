@@ -108,7 +108,7 @@ def test_adapter_ids_and_capabilities(published_folder):
     assert not llada.logits_shifted and dream.logits_shifted
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "sdar"])
 def test_fused_scoring_equals_log_softmax(published_folder, family):
     pol = PolicyAdapter.from_pretrained(str(published_folder(family, init_std=0.3))).eval()
     ids, mask = left_pad(random_prompts([7, 12], seed=6))

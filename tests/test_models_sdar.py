@@ -180,19 +180,6 @@ def test_adapter_ids_and_capabilities(folder):
     assert resolve_model_ids(SDARConfig(), None) == (151669, False)
 
 
-def test_fused_scoring_equals_log_softmax(folder):
-    pol = PolicyAdapter.from_pretrained(str(folder)).eval()
-    ids, mask = left_pad(random_prompts([7, 12], seed=6))
-    n = 5
-    targets = torch.randint(8, 100, (2, n))
-    targets[0, 1] = -1
-    with torch.no_grad():
-        logps = pol(ids, attention_mask=mask, logits_to_keep=n, score_targets=targets).token_logps
-        full = torch.log_softmax(pol(ids, attention_mask=mask).logits[:, -n:].float(), -1)
-    expected = full.gather(-1, targets.clamp(min=0)[..., None]).squeeze(-1).masked_fill(targets < 0, 0)
-    torch.testing.assert_close(logps, expected, rtol=1e-5, atol=1e-5)
-
-
 def test_gradient_checkpointing_gives_the_same_gradients(folder):
     x = torch.stack(random_prompts([9, 9], seed=8))
 

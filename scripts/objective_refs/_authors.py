@@ -48,5 +48,26 @@ def class_methods(path: pathlib.Path, cls: str, names: tuple[str, ...], namespac
     return out
 
 
+def main_functions(path: pathlib.Path, nested: tuple[str, ...], namespace: dict, cls: str = "TrainDataset") -> dict:
+    """dLLM-RL's training scripts define their helpers inside ``main()``: the module-level class ``cls``
+    and the functions ``nested`` of ``main`` in ``path``, each compiled from its own source (decorators
+    such as ``@torch.no_grad`` are not part of the segment) into ``namespace``, which holds what ``main``
+    closes over; ``LookupError`` naming what is missing."""
+    text = path.read_text()
+    tree = ast.parse(text)
+    main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
+    klass = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls), None)
+    if main is None or klass is None:
+        raise LookupError(f"{path}: no main() or {cls}")
+    found = {n.name: n for n in ast.walk(main) if isinstance(n, ast.FunctionDef) and n.name in nested}
+    missing = set(nested) - set(found)
+    if missing:
+        raise LookupError(f"{path}: main() lacks {sorted(missing)}")
+    for node in (klass, *(found[k] for k in nested)):
+        src = textwrap.dedent(ast.get_source_segment(text, node))
+        exec(compile(src, f"{path}:{node.name}", "exec"), namespace)  # noqa: S102  (the authors' code, read-only checkout)
+    return namespace
+
+
 def write_fixture(out_path: pathlib.Path, record: dict) -> None:
     pathlib.Path(out_path).write_text(json.dumps(record, separators=(",", ":")) + "\n")

@@ -21,9 +21,7 @@ our old terms rounded the same way, and one row shows what the rounding changes.
 
 from __future__ import annotations
 
-import ast
 import pathlib
-import textwrap
 import types
 
 import numpy as np
@@ -31,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from ._authors import checkout_path, write_fixture
+from ._authors import checkout_path, main_functions, write_fixture
 
 SOURCE = "train/rl_llada.py"
 NESTED = ("collapse_k_unique", "prepare_inputs_and_labels_for_text", "compute_logp_old_tok_parallel",
@@ -54,16 +52,6 @@ def authors_namespace(repo: pathlib.Path, *, shrink: int, mask_id: int, pad_id: 
     """The authors' functions exec'd into one namespace: ``config`` / ``uni_prompting`` / ``model`` stubs
     stand for what their ``main`` closes over (set ``ns["model"]`` before calling)."""
     path = checkout_path(repo, SOURCE, "dLLM-RL")
-    text = path.read_text()
-    tree = ast.parse(text)
-    main = next((n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"), None)
-    cls = next((n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "TrainDataset"), None)
-    if main is None or cls is None:
-        raise LookupError(f"{path}: no main() or TrainDataset")
-    nested = {n.name: n for n in ast.walk(main) if isinstance(n, ast.FunctionDef) and n.name in NESTED}
-    missing = set(NESTED) - set(nested)
-    if missing:
-        raise LookupError(f"{path}: main() lacks {sorted(missing)}")
     training = types.SimpleNamespace(method="TraceRL", shrink=shrink, post_num=1, max_gen_length=GEN_LENGTH,
                                      lower_p=0.1, upper_p=0.9, mask_times_per_sample=35, eps=EPS, beta=BETA,
                                      use_kl_estimator_k3=True)
@@ -75,10 +63,7 @@ def authors_namespace(repo: pathlib.Path, *, shrink: int, mask_id: int, pad_id: 
 
     ns = {"torch": torch, "F": F, "np": np, "Dataset": Dataset, "config": types.SimpleNamespace(training=training),
           "uni_prompting": uni_prompting, "mask_id": mask_id, "pad_id": pad_id, "model": None}
-    for node in (cls, *(nested[k] for k in NESTED)):  # decorators are not part of the segment
-        src = textwrap.dedent(ast.get_source_segment(text, node))
-        exec(compile(src, f"{path}:{node.name}", "exec"), ns)  # noqa: S102  (the authors' code, read-only checkout)
-    return ns
+    return main_functions(path, NESTED, ns)
 
 
 # ---- the shared model --------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ CASES = (("full", "diffu_grpo"), ("lora", "tracerl"))
 DIGIT_REWARD = "task.rewards={helpers.recipe_matrix.digit_share: 1.0}"
 
 
-def write_tiny_sdar(folder: str | Path, seed: int = 0, block_length: int = BLOCK) -> Path:
-    """A tiny SDAR checkpoint (published layout, our writer) with the tiny tokenizer in ``folder``."""
+def tiny_sdar(seed: int = 0, block_length: int = BLOCK):
+    """A ~0.1M-parameter SDAR (2 Qwen3 blocks, block-causal attention) with the tiny tokenizer, as a
+    :class:`rollout.PolicyAdapter`."""
     import torch
 
     from rollout import PolicyAdapter
@@ -36,9 +37,15 @@ def write_tiny_sdar(folder: str | Path, seed: int = 0, block_length: int = BLOCK
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = SDARForMaskedLM(cfg)
+    return PolicyAdapter(model, tok, mask_token_id=tok.mask_token_id)
+
+
+def write_tiny_sdar(folder: str | Path, seed: int = 0, block_length: int = BLOCK) -> Path:
+    """:func:`tiny_sdar` saved in ``folder`` (published layout, our writer) with its tokenizer."""
+    policy = tiny_sdar(seed, block_length)
     folder = Path(folder)
-    PolicyAdapter(model, tok, mask_token_id=tok.mask_token_id).model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    policy.model.save_pretrained(folder)
+    policy.tokenizer.save_pretrained(folder)
     return folder
 
 
