@@ -121,7 +121,8 @@ def test_stage_is_freed_before_the_test_evaluation(tmp_path, monkeypatch):
 
     monkeypatch.setattr(rl.trainer, "build_engine", recording_build)
     monkeypatch.setattr(pipeline, "test_eval", checking_test_eval)
-    assert main([*SMALL, f"run_dir={tmp_path / 'run'}", "logger.wandb.mode=disabled", "recipe.plot=false"]) == 0
+    assert main([*SMALL, "recipe=sft_then_grpo", f"run_dir={tmp_path / 'run'}", "logger.wandb.mode=disabled",
+                 "recipe.plot=false"]) == 0
     assert len(checked) == 2 and len(alive) == 6  # SFT and GRPO: engine, optimizer, policy each
     assert checked[0][:3] == [True, True, True] and checked[1] == [True] * 6
     gc.collect()

@@ -260,8 +260,8 @@ def test_default_recipe_runs_on_vllm(tmp_path, monkeypatch):
 
     monkeypatch.setattr(vllm_engine_module, "start_llm", recording_start)
     run_dir = tmp_path / "run"
-    assert main([*SMALL, "model.tiny.num_attention_heads=2", "rollout.backend=vllm", f"run_dir={run_dir}",
-                 "logger.wandb.mode=disabled", "recipe.final_eval=true"]) == 0
+    assert main([*SMALL, "recipe=sft_then_grpo", "model.tiny.num_attention_heads=2", "rollout.backend=vllm",
+                 f"run_dir={run_dir}", "logger.wandb.mode=disabled", "recipe.final_eval=true"]) == 0
     assert len(started) == 5 and all(running == 0 for running, _ in started)  # 2 stages, 2 tests, final eval
     assert all(0 < length < 512 for _, length in started)  # prompt + gen_length, not the model's 512 positions
     summary = json.loads((run_dir / "summary.json").read_text())

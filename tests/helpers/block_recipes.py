@@ -55,7 +55,8 @@ def case_name(variant: str, objective: str) -> str:
 
 def overrides(variant: str, objective: str, folder: str | Path, run_dir: str | Path, zero: str = "zero0") -> list[str]:
     """d1's two-stage recipe (SFT then GRPO) on the fixture, 3 + 3 steps, blocks of 4 in the rollouts."""
-    out = ["recipe=sft_then_grpo", f"model.path={folder}", "model.family=auto", "model.name=tiny-sdar", f"run_dir={run_dir}", "seed=0",
+    out = ["recipe=sft_then_grpo", f"model.path={folder}", "model.family=auto", "model.name=tiny-sdar",
+           f"run_dir={run_dir}", "seed=0",
            "logger.wandb.mode=disabled", "recipe.plot=false", "recipe.eval_batch_size=8",
            "task.num_sft=8", "task.num_rl=8", "task.num_val=4", "task.num_test=4", DIGIT_REWARD,
            "rollout.gen_length=20", f"rollout.block_length={BLOCK}", "rollout.steps=20", "rl.rollout.temperature=1.5",
