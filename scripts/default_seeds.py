@@ -9,6 +9,7 @@ table of held-out accuracy before (SFT) and after the last stage (RL, or distill
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import subprocess
@@ -29,12 +30,10 @@ def _children_cpu() -> float:
 
 def _cpu_model() -> str:
     """The CPU the runs were timed on (``model name`` in /proc/cpuinfo), for the README table."""
-    try:
+    with contextlib.suppress(OSError):  # no /proc (not Linux): say so in the table
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return "unknown"
 
 

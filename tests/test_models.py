@@ -10,10 +10,10 @@ import torch
 
 from helpers.published import published_model
 from rollout import PolicyAdapter
-from rollout.models import DreamForMaskedLM, LLaDAForMaskedLM
+from rollout.models import DreamForMaskedLM, LLaDAForMaskedLM, SDARForMaskedLM
 from test_rollout_sampler import left_pad, random_prompts
 
-CLASSES = {"llada": LLaDAForMaskedLM, "dream": DreamForMaskedLM}
+CLASSES = {"llada": LLaDAForMaskedLM, "dream": DreamForMaskedLM, "sdar": SDARForMaskedLM}
 FAMILIES = ["llada", "dream"]
 
 
@@ -136,7 +136,7 @@ def test_unsupported_config_fails_with_one_line(published_folder, tmp_path, fami
     assert "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "sdar"])
 def test_gradient_checkpointing_gives_the_same_gradients(published_folder, family):
     x = torch.stack(random_prompts([9, 9], seed=8))
 
