@@ -9,7 +9,9 @@ arguments and are filled in here (:func:`fill_ds_config`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib
 import json
 import math
 import os
@@ -50,7 +52,26 @@ def init_distributed(backend: str | None = None) -> None:
         # subprocesses started later (tests, evaluators) do not mistake themselves for rank 0.
         torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{D.free_port()}",
                                              rank=0, world_size=1)
-    deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    if backend == "gloo" and torch.distributed.get_world_size() == 1:
+        with _without_shm_op():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+    else:
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+
+
+@contextlib.contextmanager
+def _without_shm_op():
+    """DeepSpeed's CPU backend JIT-compiles its shared-memory all-reduce op at init (C++ through
+    ninja: about a minute on 2 cores, the first time on a machine). One process never
+    all-reduces, so it is skipped there; DeepSpeed falls back to torch.distributed without it."""
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is torch
+
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        ds_torch.build_shm_op = build
 
 
 def release_memory() -> None:

@@ -55,6 +55,24 @@ def test_init_distributed_single_process_is_idempotent():
     assert dist.get_backend() == "gloo"
 
 
+def test_single_process_init_skips_deepspeeds_shm_op():
+    """One process never all-reduces: DeepSpeed's shared-memory op (JIT-built C++) is not built
+    there, and the builder is restored afterwards for multi-process worlds."""
+    import importlib
+
+    import deepspeed.comm.comm as ds_comm
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # `deepspeed.comm.torch` as an attribute is torch
+
+    from rl.engine import _without_shm_op
+
+    build = ds_torch.build_shm_op
+    with _without_shm_op():
+        assert ds_torch.build_shm_op() is None
+    assert ds_torch.build_shm_op is build
+    init_distributed()
+    assert ds_comm.cdb.shm_comm_op is None
+
+
 def test_lr_lambda_warmup_then_constant_or_cosine():
     kw = dict(warmup_steps=4, total_steps=20)
     assert [lr_lambda(s, **kw) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

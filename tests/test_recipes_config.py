@@ -25,7 +25,13 @@ def test_default_composition_is_the_sudoku_sft_grpo_distill_recipe():
     assert isinstance(cfg.sft, SFTConfig) and isinstance(cfg.rl, DiffuGRPOConfig)
     assert isinstance(cfg.distill, SelfDistillConfig)
     # the speed-aware default shortens RL; d1's two stages keep the trainer's 300 steps
-    assert cfg.rl.max_steps == 100 and load_config(["recipe=sft_then_grpo"]).rl.max_steps == 300
+    d1 = load_config(["recipe=sft_then_grpo"])
+    assert (cfg.rl.max_steps, cfg.rl.num_iterations, cfg.rl.eval_steps) == (100, 1, 50)
+    assert (d1.rl.max_steps, d1.rl.num_iterations, d1.rl.eval_steps) == (300, 2, 25)
+    assert (cfg.sft.eval_steps, d1.sft.eval_steps) == (100, 50)
+    # the default's distill stage is shorter than the stage alone
+    assert (cfg.distill.max_steps, load_config(["recipe=distill"]).distill.max_steps) == (400, 600)
+    assert load_config(["distill.max_steps=9"]).distill.max_steps == 9
     assert load_config(["rl.max_steps=7"]).rl.max_steps == 7
     assert isinstance(cfg.rl.rollout, RolloutOptions)
     # run-level keys flow into both trainers

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -31,6 +32,55 @@ CARRIED_FILES = ("generation_config.json",)
 
 class UnsupportedModelError(ValueError):
     """A published config our implementation cannot reproduce (the message names the key)."""
+
+
+class PublishedQwenConfig(PretrainedConfig):
+    """The keys of a published Qwen-based dLLM config (Dream, SDAR) as saved in ``config.json``:
+    ``rope_theta`` / ``rope_scaling`` are the source of the rotary settings (transformers 5's
+    ``rope_parameters`` is dropped on load and not written back), ``num_key_value_heads`` defaults
+    to ``num_attention_heads``, ``auto_map`` to the family's remote code. A family sets
+    ``published_defaults`` (its published config class's defaults) and ``published_auto_map``."""
+
+    published_defaults: ClassVar[dict] = {}
+    published_auto_map: ClassVar[dict] = {}
+
+    def __init__(self, use_cache: bool = False, rope_scaling: dict | None = None, **kwargs):
+        values = {**self.published_defaults, **kwargs}
+        values.pop("rope_parameters", None)  # written by newer transformers; rope_theta/rope_scaling are the source
+        if values.get("num_key_value_heads") is None:
+            values["num_key_value_heads"] = values["num_attention_heads"]
+        values.setdefault("auto_map", dict(self.published_auto_map))
+        super().__init__(use_cache=use_cache, **self.complete(values))
+        self.published_rope_scaling = rope_scaling
+
+    def __init_subclass__(cls, **kwargs):
+        # PretrainedConfig makes every subclass a dataclass with a generated __init__ unless the
+        # class defines its own: a family keeps this one.
+        if "__init__" not in cls.__dict__:
+            cls.__init__ = PublishedQwenConfig.__init__
+        super().__init_subclass__(**kwargs)
+
+    def complete(self, values: dict) -> dict:
+        """Family-specific defaults derived from other keys (before ``PretrainedConfig`` sees them)."""
+        return values
+
+    @property
+    def embedding_rows(self) -> int:
+        return self.vocab_size
+
+    def to_dict(self) -> dict:
+        """The published keys: ``rope_scaling`` (not transformers 5's ``rope_parameters``)."""
+        out = super().to_dict()
+        out.pop("rope_parameters", None)
+        out["rope_scaling"] = out.pop("published_rope_scaling", None)
+        return out
+
+    def rope(self) -> dict:
+        """The layers' ``rope_parameters``: ``rope_scaling`` (either spelling of its type key) with ``rope_theta``."""
+        rope = {"rope_type": "default", **(self.published_rope_scaling or {}), "rope_theta": float(self.rope_theta)}
+        if "type" in rope:  # the pre-``rope_type`` spelling
+            rope["rope_type"] = rope.pop("type")
+        return rope
 
 
 class BidirectionalTrunk(nn.Module):

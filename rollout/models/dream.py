@@ -9,10 +9,12 @@ path ignores it too (it only warns), so ``use_sliding_window`` is accepted and h
 
 from __future__ import annotations
 
-from transformers import PretrainedConfig, Qwen2Config
+from typing import ClassVar
+
+from transformers import Qwen2Config
 from transformers.models.qwen2.modeling_qwen2 import Qwen2DecoderLayer, Qwen2RMSNorm, Qwen2RotaryEmbedding
 
-from rollout.models.base import BidirectionalLM, UnsupportedModelError
+from rollout.models.base import BidirectionalLM, PublishedQwenConfig, UnsupportedModelError
 
 # The published DreamConfig's defaults (configuration_dream.py), used when a config.json omits a key.
 _DEFAULTS = dict(
@@ -23,38 +25,17 @@ _DEFAULTS = dict(
 )
 
 
-class DreamConfig(PretrainedConfig):
+class DreamConfig(PublishedQwenConfig):
     """The published Dream config keys as saved in ``config.json``; :meth:`layer_config` is the
     equivalent :class:`~transformers.Qwen2Config`."""
 
     model_type = "Dream"
-
-    def __init__(self, use_cache: bool = False, rope_scaling: dict | None = None, **kwargs):
-        values = {**_DEFAULTS, **kwargs}
-        values.pop("rope_parameters", None)  # written by newer transformers; rope_theta/rope_scaling are the source
-        if values.get("num_key_value_heads") is None:
-            values["num_key_value_heads"] = values["num_attention_heads"]
-        values.setdefault("auto_map", {"AutoConfig": "configuration_dream.DreamConfig",
-                                       "AutoModel": "modeling_dream.DreamModel"})
-        super().__init__(use_cache=use_cache, **values)
-        self.dream_rope_scaling = rope_scaling
-
-    @property
-    def embedding_rows(self) -> int:
-        return self.vocab_size
-
-    def to_dict(self) -> dict:
-        """The published keys: ``rope_scaling`` (not transformers 5's ``rope_parameters``)."""
-        out = super().to_dict()
-        out.pop("rope_parameters", None)
-        out["rope_scaling"] = out.pop("dream_rope_scaling", None)
-        return out
+    published_defaults: ClassVar[dict] = _DEFAULTS
+    published_auto_map: ClassVar[dict] = {"AutoConfig": "configuration_dream.DreamConfig", "AutoModel": "modeling_dream.DreamModel"}
 
     def layer_config(self) -> Qwen2Config:
         """The :class:`~transformers.Qwen2Config` of these blocks."""
-        rope = {"rope_type": "default", **(self.dream_rope_scaling or {}), "rope_theta": float(self.rope_theta)}
-        if "type" in rope:  # the pre-``rope_type`` spelling
-            rope["rope_type"] = rope.pop("type")
+        rope = self.rope()
         if self.hidden_size % self.num_attention_heads:
             raise UnsupportedModelError(f"Dream config hidden_size={self.hidden_size} is not a multiple of "
                                         f"num_attention_heads={self.num_attention_heads}")

@@ -27,12 +27,14 @@ are trained with blocks of 4); a config's ``block_length`` or ``block_size`` key
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
-from transformers import PretrainedConfig, Qwen3Config
+from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3DecoderLayer, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
 from rollout.kv_cache import ReadOnlyCache
-from rollout.models.base import BidirectionalLM, BidirectionalTrunk, UnsupportedModelError
+from rollout.models.base import BidirectionalLM, BidirectionalTrunk, PublishedQwenConfig, UnsupportedModelError
 
 # Block length of the released SDAR-*-Chat and TraDo models (SDAR's generate.py default).
 DEFAULT_BLOCK_LENGTH = 4
@@ -48,36 +50,20 @@ _DEFAULTS = dict(
 )
 
 
-class SDARConfig(PretrainedConfig):
+class SDARConfig(PublishedQwenConfig):
     """The published SDAR config keys as saved in ``config.json``, plus ``block_length`` (from a
     ``block_length`` or ``block_size`` key, else :data:`DEFAULT_BLOCK_LENGTH`); :meth:`layer_config`
     is the equivalent :class:`~transformers.Qwen3Config`."""
 
     model_type = "sdar"
+    published_defaults: ClassVar[dict] = _DEFAULTS
+    published_auto_map: ClassVar[dict] = {"AutoConfig": "configuration_sdar.SDARConfig", "AutoModel": "modeling_sdar.SDARModel",
+                          "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"}
 
-    def __init__(self, use_cache: bool = False, rope_scaling: dict | None = None, **kwargs):
-        values = {**_DEFAULTS, **kwargs}
-        values.pop("rope_parameters", None)  # written by newer transformers; rope_theta/rope_scaling are the source
-        if values.get("num_key_value_heads") is None:
-            values["num_key_value_heads"] = values["num_attention_heads"]
+    def complete(self, values: dict) -> dict:
         if values.get("block_length") is None:
             values["block_length"] = values.get("block_size") or DEFAULT_BLOCK_LENGTH
-        values.setdefault("auto_map", {"AutoConfig": "configuration_sdar.SDARConfig",
-                                       "AutoModel": "modeling_sdar.SDARModel",
-                                       "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM"})
-        super().__init__(use_cache=use_cache, **values)
-        self.sdar_rope_scaling = rope_scaling
-
-    @property
-    def embedding_rows(self) -> int:
-        return self.vocab_size
-
-    def to_dict(self) -> dict:
-        """The published keys: ``rope_scaling`` (not transformers 5's ``rope_parameters``)."""
-        out = super().to_dict()
-        out.pop("rope_parameters", None)
-        out["rope_scaling"] = out.pop("sdar_rope_scaling", None)
-        return out
+        return values
 
     def layer_config(self) -> Qwen3Config:
         """The :class:`~transformers.Qwen3Config` of these blocks (one line naming a key it cannot express)."""
@@ -86,9 +72,7 @@ class SDARConfig(PretrainedConfig):
         if self.num_attention_heads % self.num_key_value_heads:
             raise UnsupportedModelError(f"SDAR config num_key_value_heads={self.num_key_value_heads} does not divide "
                                         f"num_attention_heads={self.num_attention_heads}")
-        rope = {"rope_type": "default", **(self.sdar_rope_scaling or {}), "rope_theta": float(self.rope_theta)}
-        if "type" in rope:  # the pre-``rope_type`` spelling
-            rope["rope_type"] = rope.pop("type")
+        rope = self.rope()
         head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         return Qwen3Config(
             vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
