@@ -1,8 +1,9 @@
 """Speed-aware training: does the policy decode in parallel at no accuracy cost?
 
 Per seed: one ``recipe=sft_grpo_distill`` run (the default recipe: SFT, diffu-GRPO, then
-self-distillation for parallel decoding; ``-- rl.max_steps=300`` gives ``recipe=sft_then_grpo``'s RL
-stage, whose ``rl/best`` is that recipe's final checkpoint), then the eval recipe on the RL and the distilled checkpoints with two rollout
+self-distillation for parallel decoding; ``-- rl.max_steps=300 rl.num_iterations=2 rl.eval_steps=25
+sft.eval_steps=50`` gives ``recipe=sft_then_grpo``'s two stages, whose ``rl/best`` is that recipe's
+final checkpoint), then the eval recipe on the RL and the distilled checkpoints with two rollout
 modes: ``reference`` (the run's rollout, one token per step) and ``fast`` (``rollout=fast``'s
 steps: several tokens per forward pass). Prints per-seed rows and the mean over seeds with
 standard errors of the paired differences (fast - reference, distilled - RL).
