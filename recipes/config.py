@@ -129,7 +129,28 @@ def load_config(overrides: list[str] | tuple[str, ...] = (), notes: list[str] | 
     except ConfigError:
         raise
     except (HydraException, OmegaConfBaseException, ValueError, TypeError, KeyError) as e:
-        raise ConfigError(explain(e, overrides)) from e
+        raise ConfigError(_stage_trainer_mismatch(list(overrides)) or explain(e, overrides)) from e
+
+
+def _stage_trainer_mismatch(overrides: list[str]) -> str | None:
+    """The stage's own line for ``trainer@<stage>=<option>`` of another kind than the recipe runs
+    there. Composing fails before the stage check in that case when the recipe file sets a key the
+    option's schema lacks (``sft_grpo_distill``'s ``rl.num_iterations`` under ``trainer@rl=sft``)."""
+    from recipes.schema import RECIPES, TRAINER_SCHEMAS, stage_mismatch, trainer_options
+
+    def value(name: str) -> str | None:
+        return next((o.split("=", 1)[1] for o in overrides if o.split("=", 1)[0].lstrip("+~") == name), None)
+
+    recipe = value("recipe")
+    if recipe is None:  # the default recipe: configs/config.yaml's defaults list
+        defaults = OmegaConf.load(CONFIG_DIR / "config.yaml").defaults
+        recipe = next((d["recipe"] for d in defaults if isinstance(d, DictConfig) and "recipe" in d), None)
+    for key, cls in RECIPES.get(recipe, ()):
+        option = value(f"trainer@{key}")
+        kinds = [c for schema, c in TRAINER_SCHEMAS.items() if option in trainer_options([schema])]
+        if kinds and cls not in kinds:
+            return stage_mismatch(key, recipe, cls, f"a {kinds[0].__name__}")
+    return None
 
 
 # ---- one rule for rollout settings ----------------------------------------------------------------

@@ -234,10 +234,8 @@ class RunConfig:
         for key, cls in RECIPES[self.recipe.name]:
             stage = getattr(self, key)
             if not isinstance(stage, cls):
-                options = [o for o, c in TRAINER_SCHEMAS.items() if c is cls]
                 got = "no trainer" if stage is None else f"a {type(stage).__name__}"
-                raise ConfigError(f"{key}: recipe {self.recipe.name} runs {cls.__name__} at this stage but got {got}; "
-                                  f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
+                raise ConfigError(stage_mismatch(key, self.recipe.name, cls, got))
             trains_dllm = not isinstance(stage, UnmaskOrderConfig) or stage.train_dllm
             if self.model.dtype != "float32" and not stage.bf16 and trains_dllm and not stage.lora.enabled:
                 raise ConfigError(f"{key}.bf16=false: model.dtype={self.model.dtype} weights would be updated by AdamW "
@@ -267,6 +265,13 @@ class RunConfig:
     def run_name(self) -> str:
         """``<recipe>-<task>-<model>-seed<S>``: the W&B run name (one group per pipeline)."""
         return f"{self.recipe.name}-{self.task.name}-{self.model.name}-seed{self.seed}"
+
+
+def stage_mismatch(key: str, recipe: str, cls: type, got: str) -> str:
+    """The one line for a recipe stage whose trainer is not the kind the recipe runs there."""
+    options = [o for o, c in TRAINER_SCHEMAS.items() if c is cls]
+    return (f"{key}: recipe {recipe} runs {cls.__name__} at this stage but got {got}; "
+            f"select trainer@{key}=<{' or '.join(trainer_options(options))}>")
 
 
 def trainer_options(schemas: list[str]) -> list[str]:
