@@ -52,7 +52,8 @@ def init_distributed(backend: str | None = None) -> None:
         # subprocesses started later (tests, evaluators) do not mistake themselves for rank 0.
         torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{D.free_port()}",
                                              rank=0, world_size=1)
-    if backend == "gloo" and torch.distributed.get_world_size() == 1:
+    single = torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1  # launched: not yet
+    if backend == "gloo" and single:
         with _without_shm_op():
             deepspeed.init_distributed(dist_backend=backend, verbose=False)
     else:
