@@ -53,10 +53,7 @@ def init_distributed(backend: str | None = None) -> None:
         torch.distributed.init_process_group(backend, init_method=f"tcp://127.0.0.1:{D.free_port()}",
                                              rank=0, world_size=1)
     single = torch.distributed.is_initialized() and torch.distributed.get_world_size() == 1  # launched: not yet
-    if backend == "gloo" and single:
-        with _without_shm_op():
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
-    else:
+    with _without_shm_op() if backend == "gloo" and single else contextlib.nullcontext():
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
 
 
