@@ -287,6 +287,29 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def block_state_noise(fraction: float, block_length: int, eps: float = 1e-3):
+    """A ``noise`` for :func:`bench_rollout.train`: LLaDA's i.i.d. masking (``t ~ U(eps, 1)``) on each
+    row, except on a ``fraction`` of rows (drawn per row), which get a state the semi-autoregressive
+    sampler decodes from, as block diffusion trains (BD3-LM, Arriola et al. 2025, Eq. 7): the
+    completion's first ``k`` blocks given (``k`` uniform), the next block's positions masked i.i.d. with
+    probability ``t``, every position after that block masked. Those rows' loss weight is 1 (``t = 1``:
+    the mean cross-entropy over the completion), not ``1/t``."""
+    from rl.losses import draw_sft_noise
+
+    def draw(resp: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        t, masked = draw_sft_noise(resp, g, eps)
+        resp = resp.bool()
+        pos = resp.long().cumsum(1) - 1  # index within the completion (-1 on the prompt)
+        blocks = -(-resp.sum(1) // block_length)
+        start = (torch.rand(resp.shape[0], generator=g) * blocks).long() * block_length
+        start, pick = start[:, None], (torch.rand(resp.shape[0], generator=g) < fraction)[:, None]
+        in_block = (pos >= start) & (pos < start + block_length) & (torch.rand(resp.shape, generator=g) < t)
+        state = resp & (in_block | (pos >= start + block_length))
+        return torch.where(pick, torch.ones_like(t), t), torch.where(pick, state, masked)
+
+    return draw
+
+
 def floats(spec: str, name: str) -> list[float]:
     try:
         vals = [float(v) for v in spec.split(",") if v.strip()]
@@ -332,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--decay-to", type=float, default=0.1, help="final lr as a fraction of --lr (linear decay)")
+    ap.add_argument("--block-noise", type=float, default=0.0, help="fraction of training rows in the sampler's "
+                    "block states (given blocks, a partly masked block, the rest masked; block_state_noise) "
+                    "instead of LLaDA's i.i.d. masking")
     ap.add_argument("--target", type=float, default=0.6, help="stop training once the reference sampler solves "
                     "this share of the validation set")
     ap.add_argument("--check-every", type=int, default=500, help="SFT steps between validation checks")
@@ -350,7 +376,9 @@ def main(argv: list[str] | None = None) -> None:
                     "runs), e.g. to confirm a few modes on a fresh --seed")
     ap.add_argument("--vllm", action="store_true", help="add the vLLM backend's rows (rollout.backend=vllm)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="the model's initialisation and training data")
+    ap.add_argument("--test-seed", type=int, default=None, help="the held-out and validation sets (default: "
+                    "--seed); training never samples their prompts, so a new value gives fresh problems")
     ap.add_argument("--plot", help="write the accuracy-vs-tokens/s PNG here")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -373,8 +401,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     t_start, cpu_start = time.perf_counter(), time.process_time()
 
-    test = task.held_out(args.seed + 1000, args.n_test, *shape)
-    val = [e for e in task.held_out(args.seed + 2000, args.n_val + args.n_test, *shape)
+    test_seed = args.seed if args.test_seed is None else args.test_seed
+    test = task.held_out(test_seed + 1000, args.n_test, *shape)
+    val = [e for e in task.held_out(test_seed + 2000, args.n_val + args.n_test, *shape)
            if e.prompt not in {t.prompt for t in test}][:args.n_val]
     if args.model:
         policy = PolicyAdapter.from_pretrained(args.model).eval()
@@ -404,7 +433,11 @@ def main(argv: list[str] | None = None) -> None:
             return acc >= args.target
 
         t0, c0 = time.perf_counter(), time.process_time()
-        loss = train(policy, args, sample, decay_to=args.decay_to, check=check, check_every=args.check_every)
+        if not 0.0 <= args.block_noise <= 1.0:
+            raise SystemExit(f"--block-noise={args.block_noise}: a fraction of rows, in [0, 1]")
+        noise = block_state_noise(args.block_noise, args.block_length) if args.block_noise else None
+        loss = train(policy, args, sample, decay_to=args.decay_to, check=check, check_every=args.check_every,
+                     noise=noise)
         note = (f"{args.init or args.arch} model trained on {desc}, {args.train_batch} per step, "
                 f"{time.perf_counter() - t0:.0f} s wall / {time.process_time() - c0:.0f} s CPU incl. validation "
                 f"(final loss {loss:.3f}; validation {', '.join(checks) or 'none'})")

@@ -91,13 +91,15 @@ def make_batch(tok, examples, gen_length: int):
 
 
 def train(policy: PolicyAdapter, args, sample: Callable[[random.Random, int], list] = make_examples, *,
-          decay_to: float = 1.0, check: Callable[[int], bool] | None = None, check_every: int = 0) -> float:
+          decay_to: float = 1.0, check: Callable[[int], bool] | None = None, check_every: int = 0,
+          noise: Callable[[torch.Tensor, torch.Generator], tuple] | None = None) -> float:
     """Masked-diffusion SFT of ``policy`` on ``sample(rng, n)``'s (prompt, completion) pairs (default:
     the digit task) for ``args.train_steps`` steps of ``args.train_batch``; returns the last smoothed loss.
 
     The learning rate warms up over 20 steps, then decays linearly to ``decay_to * args.lr``; every
     ``check_every`` steps ``check(step)`` runs (the model in eval mode) and training stops if it
-    returns True."""
+    returns True. ``noise(response_mask, generator)``: the loss's ``(t, masked)`` (default: LLaDA's
+    i.i.d. masking, :func:`rl.losses.draw_sft_noise`)."""
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
     total = args.train_steps
@@ -108,7 +110,8 @@ def train(policy: PolicyAdapter, args, sample: Callable[[random.Random, int], li
     bar = tqdm(range(total), desc=f"train {type(policy.model).__name__}", file=sys.stdout, mininterval=2)
     for step in bar:
         ids, attn, resp = make_batch(policy.tokenizer, sample(rng, args.train_batch), args.gen_length)
-        loss = diffusion_sft_loss(policy, ids, resp, mask_id=policy.mask_token_id, attention_mask=attn, generator=g)
+        loss = diffusion_sft_loss(policy, ids, resp, mask_id=policy.mask_token_id, attention_mask=attn, generator=g,
+                                  noise=noise(resp, g) if noise is not None else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), 1.0)

@@ -140,3 +140,67 @@ def test_frontier_bench_init_continues_from_a_checkpoint(tmp_path, capsys):
     assert 0 < d_ab < d_fb  # two more steps from a, not from a fresh model
     with pytest.raises(SystemExit, match="--init .* and --model"):
         bf.main([*small, "--init", str(tmp_path / "a"), "--model", str(tmp_path / "b")])
+
+
+def test_test_seed_problems_are_never_trained_on(monkeypatch):
+    """``--test-seed`` picks the held-out and validation sets; the training stream never samples their prompts."""
+    seen = {}
+
+    def fake_train(policy, args, sample, **kw):
+        seen["prompts"] = {p for p, _ in sample(random.Random(0), 400)}
+        return 0.0
+
+    monkeypatch.setattr(bf, "train", fake_train)
+    bf.main(["--digits", "1", "--counts", "1-2", "--n-test", "4", "--n-val", "2", "--test-seed", "5", "--train-only",
+             "--gen-length", "16", "--block-length", "16"])
+    test = task.held_out(1005, 4, 1, (1, 2))
+    val = [e for e in task.held_out(2005, 6, 1, (1, 2)) if e.prompt not in {t.prompt for t in test}][:2]
+    held = {e.prompt for e in test + val}
+    assert len(held) == 6 and not held & seen["prompts"]
+    assert len(seen["prompts"]) == 9 * 2 - 6  # every other prompt is trained on
+
+
+def test_count_up_probe(tmp_path, capsys):
+    """The probe's digit kinds on a worked example, and an end-to-end run on a barely trained checkpoint."""
+    import count_up_probe as probe
+
+    ex = task.make_example(3998, 12, 4)  # lines 11:03999, 10:04000, 09:04001 ...
+    kinds = dict(probe.char_kinds(ex, 3))  # line 3 = "09:04001": the counter borrows, no value carry
+    assert ex.completion[18:26] == "09:04001"
+    assert kinds[18] == "counter tens, borrow" and kinds[19] == "counter ones" and kinds[20] == kinds[26] == "':' and newline"
+    assert ex.completion[20] == ":" and ex.completion[26] == "\n"
+    assert [kinds[o] for o in range(21, 26)] == ["value digit, no carry"] * 4 + ["value ones"]
+    kinds = dict(probe.char_kinds(ex, 2))  # "10:04000": 03999 -> 04000 carries into four digits
+    assert kinds[9] == "counter tens, no borrow"
+    assert [kinds[o] for o in range(12, 17)] == ["value digit, no carry"] + ["value digit, carry"] * 3 + ["value ones"]
+    small = ["--digits", "2", "--counts", "2-3", "--gen-length", "32", "--block-length", "8"]
+    bf.main([*small[:4], "--train-steps", "2", "--n-val", "2", "--n-test", "2", "--train-only",
+             "--save", str(tmp_path / "m")])
+    probe.main([str(tmp_path / "m"), "--n", "3", "--batch", "2", *small])
+    out = capsys.readouterr().out
+    assert all(k in out for k in probe.KINDS) and "left-to-right" in out and "reference" in out
+
+
+def test_block_state_noise():
+    """``--block-noise``: with fraction 1 every row is a sampler state (the completion's first blocks
+    given, one block partly masked, everything after it masked; loss weight 1); with fraction 0 it is
+    LLaDA's i.i.d. masking, draw for draw."""
+    from rl.losses import draw_sft_noise
+
+    resp = torch.zeros(64, 40, dtype=torch.bool)
+    resp[:, 5:] = True  # a 5-token prompt, 35 completion positions = blocks of 8, 8, 8, 8, 3
+    t, masked = bf.block_state_noise(1.0, 8)(resp, torch.Generator().manual_seed(0))
+    assert (t == 1).all() and not masked[:, :5].any()
+    starts = set()
+    for row in masked[:, 5:]:
+        first = int(row.int().argmax()) if row.any() else 35
+        start = first - first % 8
+        starts.add(start)
+        assert row[start + 8:].all() and not row[:start].any()
+    assert starts == {0, 8, 16, 24, 32}
+    t0, m0 = bf.block_state_noise(0.0, 8)(resp, torch.Generator().manual_seed(1))
+    t1, m1 = draw_sft_noise(resp, torch.Generator().manual_seed(1))
+    assert torch.equal(t0, t1) and torch.equal(m0, m1)
+    with pytest.raises(SystemExit, match="--block-noise=1.5"):
+        bf.main(["--block-noise", "1.5", "--train-steps", "1", "--n-val", "2", "--n-test", "2", "--digits", "2",
+                 "--counts", "2-3", "--gen-length", "16", "--block-length", "16", "--train-only"])
