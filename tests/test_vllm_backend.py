@@ -280,6 +280,7 @@ class _TwoRankGroup:
         self.rank_in_group, self.other = me, list(other)
 
     def all_gather(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        assert t.is_floating_point(), "vLLM's CPU shared-memory all-gather is not implemented for integer tensors"
         theirs = self.other.pop(0)
         return torch.cat([t, theirs] if self.rank_in_group == 0 else [theirs, t], dim)
 
@@ -293,10 +294,10 @@ def test_tensor_parallel_group_batch_is_split_back_per_rank():
     policy = build_tiny_policy(seed=0, arch="bert")
     engine = RolloutEngine(TORCH, policy)
     (ids_a, mask_a), (ids_b, mask_b) = engine.encode(PROMPTS[:2]), engine.encode(PROMPTS[2:])
-    seed_b = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(9))
+    seed_b = torch.randint(0, 2**24, (1,), generator=torch.Generator().manual_seed(9))
     width = ids_b.shape[1]  # what rank 1 sends: its sizes and seed, then ids and mask padded to 2 rows
-    rank1 = [torch.tensor([1, width, int(seed_b)]), torch.nn.functional.pad(ids_b, (0, 0, 0, 1)),
-             torch.nn.functional.pad(mask_b, (0, 0, 0, 1))]
+    rank1 = [torch.tensor([1.0, width, int(seed_b)]), torch.nn.functional.pad(ids_b, (0, 0, 0, 1)).float(),
+             torch.nn.functional.pad(mask_b, (0, 0, 0, 1)).float()]  # as float32: vLLM's CPU shm gathers no Long
     ids, mask, shared, local = gather_rows(ids_a, mask_a, torch.Generator().manual_seed(0),
                                            _TwoRankGroup(0, rank1), policy.pad_token_id)
     assert ids.shape == (3, width) and local == (0, 2, ids_a.shape[1])
@@ -306,7 +307,7 @@ def test_tensor_parallel_group_batch_is_split_back_per_rank():
         mine = take_rows(both, first, ids_r.shape[0], ids_r.shape[1])
         _same(engine.generate(ids_r, mask_r), mine)
         assert torch.equal(mine.prompt_ids, ids_r) and torch.equal(mine.prompt_mask, mask_r)
-    first_seed = torch.randint(0, 2**62, (1,), generator=torch.Generator().manual_seed(0))
+    first_seed = torch.randint(0, 2**24, (1,), generator=torch.Generator().manual_seed(0))
     expected = torch.Generator().manual_seed(int(first_seed))
     assert torch.equal(torch.rand(3, generator=shared), torch.rand(3, generator=expected))
 

@@ -162,18 +162,21 @@ def gather_rows(ids: torch.Tensor, mask: torch.Tensor | None, generator: torch.G
     this rank's rows are: ``(first row, rows, prompt width)``. TRL's colocated tensor parallelism
     does the same; the collectives are vLLM's, on the group's device."""
     mask = torch.ones_like(ids) if mask is None else mask
-    seed = torch.randint(0, 2**62, (1,), generator=generator, device=generator.device if generator else "cpu")
-    mine = torch.tensor([ids.shape[0], ids.shape[1], int(seed)], device=group.device)
-    sizes = group.all_gather(mine, dim=0).view(-1, 3).tolist()
+    # vLLM's CPU shared-memory all-gather takes floating tensors only ("not implemented for 'Long'"),
+    # so every gather goes as float32: token ids, sizes and a seed below 2**24 are exact there.
+    seed = torch.randint(0, 2**24, (1,), generator=generator, device=generator.device if generator else "cpu")
+    mine = torch.tensor([ids.shape[0], ids.shape[1], int(seed)], dtype=torch.float32, device=group.device)
+    sizes = group.all_gather(mine, dim=0).view(-1, 3).long().tolist()
     rows, width = max(s[0] for s in sizes), max(s[1] for s in sizes)
 
     def padded(t: torch.Tensor, value: int) -> torch.Tensor:  # [rows, width]: left-pad, then extra rows
         t = torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
-        return torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]), value=value).to(group.device)
+        t = torch.nn.functional.pad(t, (0, 0, 0, rows - t.shape[0]), value=value)
+        return t.to(device=group.device, dtype=torch.float32)
 
-    keep = torch.cat([torch.arange(r * rows, r * rows + s[0]) for r, s in enumerate(sizes)])
-    all_ids = group.all_gather(padded(ids, pad_id), dim=0)[keep.to(group.device)].to(ids.device)
-    all_mask = group.all_gather(padded(mask, 0), dim=0)[keep.to(group.device)].to(ids.device)
+    keep = torch.cat([torch.arange(r * rows, r * rows + s[0]) for r, s in enumerate(sizes)]).to(group.device)
+    all_ids = group.all_gather(padded(ids, pad_id), dim=0)[keep].to(ids.device, torch.long)
+    all_mask = group.all_gather(padded(mask, 0), dim=0)[keep].to(ids.device, mask.dtype)
     shared = torch.Generator(device=ids.device).manual_seed(sizes[0][2])
     first = sum(s[0] for s in sizes[:group.rank_in_group])
     return all_ids, all_mask, shared, (first, ids.shape[0], ids.shape[1])
