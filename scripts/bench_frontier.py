@@ -355,6 +355,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--train-batch", type=int, default=16)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--decay-to", type=float, default=0.1, help="final lr as a fraction of --lr (linear decay)")
+    ap.add_argument("--warmup", type=int, default=20, help="linear learning-rate warm-up steps (LLaDA's "
+                    "pre-training: 2000)")
+    ap.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (LLaDA's: 0.1)")
     ap.add_argument("--block-noise", type=float, default=0.0, help="fraction of training rows in the sampler's "
                     "block states (given blocks, a partly masked block, the rest masked; block_state_noise) "
                     "instead of LLaDA's i.i.d. masking")
@@ -437,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--block-noise={args.block_noise}: a fraction of rows, in [0, 1]")
         noise = block_state_noise(args.block_noise, args.block_length) if args.block_noise else None
         loss = train(policy, args, sample, decay_to=args.decay_to, check=check, check_every=args.check_every,
-                     noise=noise)
+                     noise=noise, warmup=args.warmup, weight_decay=args.weight_decay)
         note = (f"{args.init or args.arch} model trained on {desc}, {args.train_batch} per step, "
                 f"{time.perf_counter() - t0:.0f} s wall / {time.process_time() - c0:.0f} s CPU incl. validation "
                 f"(final loss {loss:.3f}; validation {', '.join(checks) or 'none'})")

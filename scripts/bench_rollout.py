@@ -90,21 +90,27 @@ def make_batch(tok, examples, gen_length: int):
     return input_ids, attn, resp
 
 
+def lr_factor(step: int, total: int, warmup: int, decay_to: float) -> float:
+    """The learning rate at ``step`` as a fraction of the peak: linear warm-up over ``warmup`` steps
+    times a linear decay from 1 to ``decay_to`` over ``total`` steps."""
+    return min(1.0, (step + 1) / max(warmup, 1)) * (1 - (1 - decay_to) * min(1.0, step / max(total, 1)))
+
+
 def train(policy: PolicyAdapter, args, sample: Callable[[random.Random, int], list] = make_examples, *,
           decay_to: float = 1.0, check: Callable[[int], bool] | None = None, check_every: int = 0,
-          noise: Callable[[torch.Tensor, torch.Generator], tuple] | None = None) -> float:
+          noise: Callable[[torch.Tensor, torch.Generator], tuple] | None = None, warmup: int = 20,
+          weight_decay: float = 0.0) -> float:
     """Masked-diffusion SFT of ``policy`` on ``sample(rng, n)``'s (prompt, completion) pairs (default:
     the digit task) for ``args.train_steps`` steps of ``args.train_batch``; returns the last smoothed loss.
 
-    The learning rate warms up over 20 steps, then decays linearly to ``decay_to * args.lr``; every
-    ``check_every`` steps ``check(step)`` runs (the model in eval mode) and training stops if it
-    returns True. ``noise(response_mask, generator)``: the loss's ``(t, masked)`` (default: LLaDA's
+    AdamW (``weight_decay``); the learning rate warms up linearly over ``warmup`` steps, then decays
+    linearly to ``decay_to * args.lr`` (:func:`lr_factor`); every ``check_every`` steps
+    ``check(step)`` runs (the model in eval mode) and training stops if it returns True. ``noise(response_mask, generator)``: the loss's ``(t, masked)`` (default: LLaDA's
     i.i.d. masking, :func:`rl.losses.draw_sft_noise`)."""
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=weight_decay)
     total = args.train_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 20) * (1 - (1 - decay_to) * min(1.0, s / max(total, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total, warmup, decay_to))
     policy.train()
     ema, losses = None, []
     bar = tqdm(range(total), desc=f"train {type(policy.model).__name__}", file=sys.stdout, mininterval=2)

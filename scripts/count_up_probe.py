@@ -12,7 +12,9 @@ Two teacher-forced probes over held-out problems of ``scripts/count_up.py``, the
 Each probe's accuracy is split by character: the counter's tens digit where the counter borrows
 (``10`` -> ``09``, ``20`` -> ``19``) and where it does not, the counter's ones digit, the value's
 ones digit, its other digits where a carry reaches them and where none does, and the line's
-separators (``:`` and the newline: where the model thinks it is in the line).
+separators (``:`` and the newline: where the model thinks it is in the line), and the digits of
+the closing sum line ``=SSSS`` (a copy of the last value without its leading zero). The samplers
+report the stated sum, the whole solution and the worked lines alone (the sum line aside).
 
     .venv/bin/python scripts/count_up_probe.py runs/frontier/llada --n 128
 """
@@ -34,13 +36,16 @@ from bench_rollout import encode_prompts, make_batch  # noqa: E402
 from rollout import PolicyAdapter, generate  # noqa: E402
 
 KINDS = ("counter tens, borrow", "counter tens, no borrow", "counter ones", "value ones", "value digit, carry",
-         "value digit, no carry", "':' and newline")
+         "value digit, no carry", "':' and newline", "sum line digit")
 
 
 def char_kinds(example: task.Example, j: int) -> list[tuple[int, str]]:
-    """(offset in the completion, kind) of line ``j``'s characters (``j`` >= 1; ``CC:VVVVV`` then a newline)."""
+    """(offset in the completion, kind) of line ``j``'s characters (``j`` >= 1; ``CC:VVVVV`` then a newline;
+    ``j = count + 1`` is the sum line ``=SSSS``, its digits a copy of the last value without its leading zero)."""
     width = len(str(example.number)) + 1
     start = (j - 1) * (width + 4)
+    if j == example.count + 1:
+        return [(start + 1 + i, KINDS[7]) for i in range(len(example.answer))]
     counter, value, prev = example.count - j, example.number + j, example.number + j - 1
     out = [(start, KINDS[0] if counter % 10 == 9 else KINDS[1]), (start + 1, KINDS[2]), (start + 2, KINDS[6]),
            (start + width + 3, KINDS[6])]
@@ -50,8 +55,9 @@ def char_kinds(example: task.Example, j: int) -> list[tuple[int, str]]:
 
 
 def probe(policy: PolicyAdapter, examples: list[task.Example], gen_length: int, mode: str) -> dict[str, list[bool]]:
-    """Per-kind correctness of the argmax at line ``j``'s characters, over every problem and line, with
-    line ``j`` masked and (``mode="next"``) everything after it masked too, or (``"one"``) only it."""
+    """Per-kind correctness of the argmax at line ``j``'s characters, over every problem and line (the
+    sum line included), with line ``j`` masked and (``mode="next"``) everything after it masked too, or
+    (``"one"``) only it."""
     tok, mask_id = policy.tokenizer, policy.mask_token_id
     for e in examples:
         if len(e.completion) >= gen_length:  # one token per character; EOS must follow
@@ -61,14 +67,15 @@ def probe(policy: PolicyAdapter, examples: list[task.Example], gen_length: int, 
     p = int((~resp.bool()).sum(1)[0])
     res: dict[str, list[bool]] = defaultdict(list)
     line_len = len(str(examples[0].number)) + 5
-    for j in range(1, max(e.count for e in examples) + 1):
-        rows = [i for i, e in enumerate(examples) if e.count >= j]
+    for j in range(1, max(e.count for e in examples) + 2):
+        rows = [i for i, e in enumerate(examples) if e.count + 1 >= j]
         x = full[rows].clone()
         start = p + (j - 1) * line_len
         if mode == "next":
             x[:, start:] = mask_id
         else:
-            x[:, start:start + line_len] = mask_id
+            for r, i in enumerate(rows):  # the sum line is "=" and the answer, then EOS
+                x[r, start:start + (line_len if j <= examples[i].count else 1 + len(examples[i].answer))] = mask_id
         with torch.no_grad():
             pred = policy(x, attention_mask=mask[rows]).logits.argmax(-1)
         for r, i in enumerate(rows):
@@ -78,9 +85,10 @@ def probe(policy: PolicyAdapter, examples: list[task.Example], gen_length: int, 
 
 
 def decode_accuracy(policy: PolicyAdapter, examples: list[task.Example], gen_length: int, block_length: int,
-                    batch: int) -> tuple[float, float]:
-    """(stated sum right, whole worked solution right) of one-token-per-step decoding in blocks of ``block_length``."""
-    right, exact = 0, 0
+                    batch: int) -> tuple[float, float, float]:
+    """(stated sum right, whole worked solution right, worked lines right whatever the sum line) of
+    one-token-per-step decoding in blocks of ``block_length``."""
+    right, exact, lines = 0, 0, 0
     for k in range(0, len(examples), batch):
         chunk = examples[k:k + batch]
         ids, mask = encode_prompts(policy.tokenizer, [e.prompt for e in chunk])
@@ -89,7 +97,8 @@ def decode_accuracy(policy: PolicyAdapter, examples: list[task.Example], gen_len
         texts = out.decode(policy.tokenizer)
         right += sum(task.is_correct(s, e) for s, e in zip(texts, chunk))
         exact += sum(task.steps_consistent(s, e) for s, e in zip(texts, chunk))
-    return right / len(examples), exact / len(examples)
+        lines += sum(s.strip().startswith(e.completion.rsplit("\n", 1)[0] + "\n") for s, e in zip(texts, chunk))
+    return right / len(examples), exact / len(examples), lines / len(examples)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -118,8 +127,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.no_decode:
         return
     for name, block in (("reference (low confidence)", args.block_length), ("left-to-right", 1)):
-        acc, exact = decode_accuracy(policy, examples, args.gen_length, block, args.batch)
-        print(f"{name:<26} sum right {acc:.1%}, every line right {exact:.1%}")
+        acc, exact, lines = decode_accuracy(policy, examples, args.gen_length, block, args.batch)
+        print(f"{name:<26} sum right {acc:.1%}, every line right {exact:.1%}, worked lines right {lines:.1%}")
 
 
 if __name__ == "__main__":

@@ -148,16 +148,29 @@ def test_test_seed_problems_are_never_trained_on(monkeypatch):
 
     def fake_train(policy, args, sample, **kw):
         seen["prompts"] = {p for p, _ in sample(random.Random(0), 400)}
+        seen["kw"] = kw
         return 0.0
 
     monkeypatch.setattr(bf, "train", fake_train)
     bf.main(["--digits", "1", "--counts", "1-2", "--n-test", "4", "--n-val", "2", "--test-seed", "5", "--train-only",
-             "--gen-length", "16", "--block-length", "16"])
+             "--gen-length", "16", "--block-length", "16", "--warmup", "300", "--weight-decay", "0.1"])
+    assert seen["kw"]["warmup"] == 300 and seen["kw"]["weight_decay"] == 0.1
     test = task.held_out(1005, 4, 1, (1, 2))
     val = [e for e in task.held_out(2005, 6, 1, (1, 2)) if e.prompt not in {t.prompt for t in test}][:2]
     held = {e.prompt for e in test + val}
     assert len(held) == 6 and not held & seen["prompts"]
     assert len(seen["prompts"]) == 9 * 2 - 6  # every other prompt is trained on
+
+
+def test_lr_factor_warms_up_then_decays():
+    """bench_rollout.train's schedule: linear warm-up to the peak, then linear decay to ``decay_to``."""
+    from bench_rollout import lr_factor
+
+    assert lr_factor(0, 1000, 100, 0.1) == pytest.approx(0.01)
+    assert lr_factor(49, 1000, 100, 0.1) == pytest.approx(0.5 * (1 - 0.9 * 0.049))
+    assert lr_factor(99, 1000, 100, 0.1) == pytest.approx(1 - 0.9 * 0.099)
+    assert lr_factor(1000, 1000, 100, 0.1) == pytest.approx(0.1)
+    assert lr_factor(0, 10, 0, 1.0) == 1.0  # no warm-up, constant
 
 
 def test_count_up_probe(tmp_path, capsys):
@@ -173,12 +186,16 @@ def test_count_up_probe(tmp_path, capsys):
     kinds = dict(probe.char_kinds(ex, 2))  # "10:04000": 03999 -> 04000 carries into four digits
     assert kinds[9] == "counter tens, no borrow"
     assert [kinds[o] for o in range(12, 17)] == ["value digit, no carry"] + ["value digit, carry"] * 3 + ["value ones"]
+    kinds = dict(probe.char_kinds(ex, 13))  # the sum line "=4010" after "00:04010\n"
+    assert ex.completion[12 * 9:] == "=4010" and sorted(kinds) == [109, 110, 111, 112]
+    assert set(kinds.values()) == {"sum line digit"}
     small = ["--digits", "2", "--counts", "2-3", "--gen-length", "32", "--block-length", "8"]
     bf.main([*small[:4], "--train-steps", "2", "--n-val", "2", "--n-test", "2", "--train-only",
              "--save", str(tmp_path / "m")])
     probe.main([str(tmp_path / "m"), "--n", "3", "--batch", "2", *small])
     out = capsys.readouterr().out
     assert all(k in out for k in probe.KINDS) and "left-to-right" in out and "reference" in out
+    assert out.count("worked lines right") == 2
 
 
 def test_block_state_noise():
