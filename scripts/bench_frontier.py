@@ -332,6 +332,35 @@ def sizes(spec: str | None) -> dict:
     return out
 
 
+SEEN_SET = 1024  # problems of an earlier test seed's held-out and validation sets that --exclude-test-seeds skips
+DRAW_MARGIN = 1.05  # draws replayed per trained problem: covers the problems training skipped
+
+
+def excluded_prompts(trained: list[str], test_seeds: str, batch: int, shape: tuple[int, tuple[int, int]]) -> set[str]:
+    """The prompts ``--exclude-trained`` (``SEED:STEPS[:BATCH]`` each) and ``--exclude-test-seeds`` name.
+
+    A training run's prompts: the first ``DRAW_MARGIN * STEPS * BATCH`` of its seed's stream
+    (:func:`count_up.drawn`; training skips only the held-out and validation prompts, ~0.4% of draws)."""
+    out: set[str] = set()
+    for spec in trained:
+        try:
+            seed, steps, *rest = (int(v) for v in spec.split(":"))
+            if len(rest) > 1 or steps < 1 or (rest and rest[0] < 1):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"--exclude-trained={spec!r}: expected SEED:STEPS or SEED:STEPS:BATCH, "
+                             "e.g. 0:3000") from None
+        out |= task.drawn(seed, math.ceil(DRAW_MARGIN * steps * (rest[0] if rest else batch)), *shape)
+    try:
+        seeds = [int(v) for v in test_seeds.split(",") if v.strip()]
+    except ValueError:
+        raise SystemExit(f"--exclude-test-seeds={test_seeds!r}: expected comma-separated seeds, e.g. 0,1") from None
+    for s in seeds:
+        n = min(SEEN_SET, task.n_problems(*shape))
+        out |= {e.prompt for off in (1000, 2000) for e in task.held_out(s + off, n, *shape)}
+    return out
+
+
 def accuracy_of(policy: PolicyAdapter, examples: list[task.Example], args, batch: int) -> float:
     """The reference sampler's accuracy on ``examples``."""
     tallies = run_all(Decoder(policy, args), [Mode(BASELINE)], examples, batch)
@@ -382,6 +411,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="the model's initialisation and training data")
     ap.add_argument("--test-seed", type=int, default=None, help="the held-out and validation sets (default: "
                     "--seed); training never samples their prompts, so a new value gives fresh problems")
+    ap.add_argument("--exclude-trained", action="append", default=[], metavar="SEED:STEPS[:BATCH]",
+                    help="leave out of the held-out and validation sets every prompt a training run with this "
+                    "--seed can have drawn in STEPS steps of BATCH (default --train-batch) problems; repeat it "
+                    "for a checkpoint trained in several runs (fresh problems for a checkpoint trained before "
+                    "--test-seed existed)")
+    ap.add_argument("--exclude-test-seeds", default="", help="comma-separated test seeds whose held-out and "
+                    "validation problems (the first %d of each) are left out too: sets modes were chosen on" % SEEN_SET)
     ap.add_argument("--plot", help="write the accuracy-vs-tokens/s PNG here")
     ap.add_argument("--json", help="write the rows as JSON here")
     args = ap.parse_args(argv)
@@ -405,8 +441,12 @@ def main(argv: list[str] | None = None) -> None:
     t_start, cpu_start = time.perf_counter(), time.process_time()
 
     test_seed = args.seed if args.test_seed is None else args.test_seed
-    test = task.held_out(test_seed + 1000, args.n_test, *shape)
-    val = [e for e in task.held_out(test_seed + 2000, args.n_val + args.n_test, *shape)
+    exclude = excluded_prompts(args.exclude_trained, args.exclude_test_seeds, args.train_batch, shape)
+    if task.n_problems(*shape) - len(exclude) < args.n_test + args.n_val:
+        raise SystemExit(f"--exclude-trained/--exclude-test-seeds leave {task.n_problems(*shape) - len(exclude)} "
+                         f"problems of this shape, fewer than --n-test + --n-val = {args.n_test + args.n_val}")
+    test = task.held_out(test_seed + 1000, args.n_test, *shape, exclude=exclude)
+    val = [e for e in task.held_out(test_seed + 2000, args.n_val + args.n_test, *shape, exclude=exclude)
            if e.prompt not in {t.prompt for t in test}][:args.n_val]
     if args.model:
         policy = PolicyAdapter.from_pretrained(args.model).eval()
@@ -468,8 +508,12 @@ def main(argv: list[str] | None = None) -> None:
     rows = summarize(tallies, args.gen_length)
 
     print(f"\n{note}")
-    print(f"held-out: {len(test)} problems ({desc}), batch {args.batch}, gen_length {args.gen_length}, "
-          f"block_length {args.block_length}, reference steps {args.steps}, temperature 0, threads {args.threads}")
+    print(f"held-out: {len(test)} problems ({desc}) of test seed {test_seed}, batch {args.batch}, gen_length "
+          f"{args.gen_length}, block_length {args.block_length}, reference steps {args.steps}, temperature 0, "
+          f"threads {args.threads}")
+    if exclude:
+        print(f"excluded from the held-out and validation sets: {len(exclude)} prompts (--exclude-trained "
+              f"{' '.join(args.exclude_trained) or '-'}, --exclude-test-seeds {args.exclude_test_seeds or '-'})")
     print("acc: stated sum correct; d pts: change from the reference in points, +-se its paired standard error; "
           "exact: whole completion as the worked solution; NFE: forward passes per batch; x: reference's over "
           "this mode's (tokens/s from wall time, CPU from process time); agree: tokens equal to the reference's\n")

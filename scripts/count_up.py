@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
 
 LINE = re.compile(r"(\d\d):(\d+)")
@@ -70,15 +71,36 @@ def sample(rng: random.Random, n: int, digits: int, counts: tuple[int, int]) -> 
             for _ in range(n)]
 
 
-def held_out(seed: int, n: int, digits: int, counts: tuple[int, int]) -> list[Example]:
-    """``n`` problems with distinct prompts from ``seed`` (the benchmark's test set)."""
-    rng, seen, out = random.Random(seed), set(), []
+def n_problems(digits: int, counts: tuple[int, int]) -> int:
+    """How many distinct problems (prompts) the shape has."""
+    check_shape(digits, counts)
+    return 9 * 10 ** (digits - 1) * (counts[1] - counts[0] + 1)
+
+
+def held_out(seed: int, n: int, digits: int, counts: tuple[int, int],
+             exclude: Collection[str] = ()) -> list[Example]:
+    """``n`` problems with distinct prompts from ``seed`` (the benchmark's test set), none of them in
+    ``exclude`` (skipping a problem never changes the ones after it). One ``ValueError`` when fewer
+    than ``n`` problems of this shape are left."""
+    if n > n_problems(digits, counts) - len(set(exclude)):
+        raise ValueError(f"count-up task: {n} distinct problems asked, {n_problems(digits, counts)} of "
+                         f"{digits} digits and counts {counts[0]}-{counts[1]} exist, {len(set(exclude))} excluded")
+    rng, seen, out = random.Random(seed), set(exclude), []
     while len(out) < n:
         ex = sample(rng, 1, digits, counts)[0]
         if ex.prompt not in seen:
             seen.add(ex.prompt)
             out.append(ex)
     return out
+
+
+def drawn(seed: int, n: int, digits: int, counts: tuple[int, int]) -> set[str]:
+    """The prompts of the first ``n`` problems :func:`sample` draws from ``random.Random(seed)``.
+
+    A training run seeded with ``seed`` that draws its batches with :func:`sample` (in any chunk
+    sizes) and skips some problems has seen a subset of these once ``n`` covers its draws, the
+    skipped ones included."""
+    return {ex.prompt for ex in sample(random.Random(seed), n, digits, counts)}
 
 
 def parse_counts(spec: str) -> tuple[int, int]:

@@ -162,6 +162,52 @@ def test_test_seed_problems_are_never_trained_on(monkeypatch):
     assert len(seen["prompts"]) == 9 * 2 - 6  # every other prompt is trained on
 
 
+def test_exclude_trained_leaves_out_a_training_streams_prompts(monkeypatch):
+    """``--exclude-trained SEED:STEPS[:BATCH]`` and ``--exclude-test-seeds``: the held-out and validation
+    sets skip every prompt that training run could have drawn and the named earlier sets."""
+    seen = {}
+
+    def fake_train(policy, args, sample, **kw):
+        seen["prompts"] = {p for p, _ in sample(random.Random(0), 400)}
+        return 0.0
+
+    monkeypatch.setattr(bf, "train", fake_train)
+    small = ["--digits", "1", "--counts", "1-2", "--n-test", "4", "--n-val", "2", "--test-seed", "5", "--train-only",
+             "--gen-length", "16", "--block-length", "16"]
+    bf.main([*small, "--exclude-trained", "3:2:3"])
+    held = {f"{c:02d}:{n:02d}" for n in range(1, 10) for c in (1, 2)} - seen["prompts"]  # test + validation
+    trained = task.drawn(3, 7, 1, (1, 2))  # ceil(1.05 * 2 steps * 3)
+    assert len(held) == 6 and trained and not held & trained
+    monkeypatch.setattr(bf, "SEEN_SET", 3)
+    bf.main([*small, "--exclude-test-seeds", "9"])
+    earlier = {e.prompt for off in (1000, 2000) for e in task.held_out(9 + off, 3, 1, (1, 2))}
+    held = {f"{c:02d}:{n:02d}" for n in range(1, 10) for c in (1, 2)} - seen["prompts"]
+    assert len(held) == 6 and not held & earlier
+    for bad in (["--exclude-trained", "0"], ["--exclude-trained", "0:x"], ["--exclude-trained", "0:5:0"],
+                ["--exclude-test-seeds", "a"], ["--exclude-trained", "0:100"]):
+        with pytest.raises(SystemExit, match=bad[0]):
+            bf.main([*small, *bad])
+
+
+def test_exclude_trained_covers_the_draws_training_skipped():
+    """The benchmark's training stream at its real shape (it skips the held-out and validation prompts)
+    draws only prompts among the first ``DRAW_MARGIN * steps * batch`` of its seed."""
+    shape, steps, batch = (4, (8, 24)), 200, 16
+    unseen = {e.prompt for e in task.held_out(1000, 512, *shape) + task.held_out(2000, 544, *shape)}
+    rng, trained, skipped = random.Random(0), set(), 0
+    for _ in range(steps):  # bench_frontier.main's sample(): draw, drop the unseen, draw again
+        out = []
+        while len(out) < batch:
+            new = task.sample(rng, batch - len(out), *shape)
+            skipped += sum(e.prompt in unseen for e in new)
+            out += [e for e in new if e.prompt not in unseen]
+        trained |= {e.prompt for e in out}
+    assert skipped > 0 and not trained <= task.drawn(0, steps * batch, *shape)
+    assert trained <= bf.excluded_prompts([f"0:{steps}"], "", batch, shape)
+    with pytest.raises(ValueError, match="19 distinct problems asked, 18 .* exist"):
+        task.held_out(0, 19, 1, (1, 2))
+
+
 def test_lr_factor_warms_up_then_decays():
     """bench_rollout.train's schedule: linear warm-up to the peak, then linear decay to ``decay_to``."""
     from bench_rollout import lr_factor
