@@ -442,12 +442,12 @@ def main(argv: list[str] | None = None) -> None:
 
     test_seed = args.seed if args.test_seed is None else args.test_seed
     exclude = excluded_prompts(args.exclude_trained, args.exclude_test_seeds, args.train_batch, shape)
-    if task.n_problems(*shape) - len(exclude) < args.n_test + args.n_val:
-        raise SystemExit(f"--exclude-trained/--exclude-test-seeds leave {task.n_problems(*shape) - len(exclude)} "
-                         f"problems of this shape, fewer than --n-test + --n-val = {args.n_test + args.n_val}")
-    test = task.held_out(test_seed + 1000, args.n_test, *shape, exclude=exclude)
-    val = [e for e in task.held_out(test_seed + 2000, args.n_val + args.n_test, *shape, exclude=exclude)
-           if e.prompt not in {t.prompt for t in test}][:args.n_val]
+    try:
+        test = task.held_out(test_seed + 1000, args.n_test, *shape, exclude=exclude)
+        val = [e for e in task.held_out(test_seed + 2000, args.n_val + args.n_test, *shape, exclude=exclude)
+               if e.prompt not in {t.prompt for t in test}][:args.n_val]
+    except ValueError as exc:
+        raise SystemExit(f"--n-test / --n-val after --exclude-trained / --exclude-test-seeds: {exc}") from None
     if args.model:
         policy = PolicyAdapter.from_pretrained(args.model).eval()
         note = f"model {args.model}"

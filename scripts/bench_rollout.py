@@ -104,9 +104,10 @@ def train(policy: PolicyAdapter, args, sample: Callable[[random.Random, int], li
     the digit task) for ``args.train_steps`` steps of ``args.train_batch``; returns the last smoothed loss.
 
     AdamW, ``weight_decay`` on every parameter (as the runs in docs/benchmarks.md were made; the
-    trainers' :func:`rl.engine.param_groups` exempts biases and norms); the learning rate warms up linearly over ``warmup`` steps, then decays
-    linearly to ``decay_to * args.lr`` (:func:`lr_factor`); every ``check_every`` steps
-    ``check(step)`` runs (the model in eval mode) and training stops if it returns True. ``noise(response_mask, generator)``: the loss's ``(t, masked)`` (default: LLaDA's
+    trainers' :func:`rl.engine.param_groups` exempts biases and norms); the learning rate warms up
+    linearly over ``warmup`` steps, then decays linearly to ``decay_to * args.lr`` (:func:`lr_factor`);
+    every ``check_every`` steps ``check(step)`` runs (the model in eval mode) and training stops if it
+    returns True. ``noise(response_mask, generator)``: the loss's ``(t, masked)`` (default: LLaDA's
     i.i.d. masking, :func:`rl.losses.draw_sft_noise`)."""
     rng, g = random.Random(args.seed), torch.Generator().manual_seed(args.seed)
     opt = torch.optim.AdamW(policy.parameters(), lr=args.lr, weight_decay=weight_decay)

@@ -82,10 +82,11 @@ def held_out(seed: int, n: int, digits: int, counts: tuple[int, int],
     """``n`` problems with distinct prompts from ``seed`` (the benchmark's test set), none of them in
     ``exclude`` (skipping a problem never changes the ones after it). One ``ValueError`` when fewer
     than ``n`` problems of this shape are left."""
-    if n > n_problems(digits, counts) - len(set(exclude)):
-        raise ValueError(f"count-up task: {n} distinct problems asked, {n_problems(digits, counts)} of "
-                         f"{digits} digits and counts {counts[0]}-{counts[1]} exist, {len(set(exclude))} excluded")
-    rng, seen, out = random.Random(seed), set(exclude), []
+    seen, total = set(exclude), n_problems(digits, counts)
+    if n > total - len(seen):
+        raise ValueError(f"count-up task: {n} distinct problems asked, {total} of {digits} digits and counts "
+                         f"{counts[0]}-{counts[1]} exist, {len(seen)} excluded")
+    rng, out = random.Random(seed), []
     while len(out) < n:
         ex = sample(rng, 1, digits, counts)[0]
         if ex.prompt not in seen:
